@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 
 from training.models import load_tokenizer
-from training.sampling import SEED_NEGATIVE, scene_prompts
+from training.prompts import SEED_NEGATIVE, scene_prompts
 
 PROMPTS = [
     *scene_prompts("sks", "man").values(),

@@ -7,30 +7,9 @@ import torch
 
 from .models import SDModel
 from .progress import Progress, ProgressFn, no_progress
+from .prompts import SEED_NEGATIVE, SEED_SCENES, fill_prompt, scene_prompts  # noqa: F401 (re-exported)
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
-
-# The seed's three scenes; `{token}` and `{class}` are filled in by `scene_prompts`.
-SEED_NEGATIVE = (
-    "naked, nsfw, deformed, distorted, disfigured, poorly drawn, bad anatomy, extra limb, missing limb, "
-    "floating limbs, mutated hands, disconnected limbs, mutation, ugly, blurry, amputation"
-)
-SEED_SCENES = {
-    "forest": "portrait of {token} {class} face, in the forest, standing, 4K, raw, hrd, hd, high quality, sharp focus",
-    "desert": "middle view portrait of {token} {class}, in the desert, running, 4K, raw, hrd, hd, high quality, realism, sharp focus",
-    "mountains": "close-up portrait of {token} {class}, in the mountains, snow, trees, standing, 4K, raw, hrd, hd, high quality, realism, sharp focus",
-}
-
-
-def fill_prompt(template: str, token: str, class_word: str) -> str:
-    """Substitute `{token}` and `{class}` (and `{class_word}`); any other braces stay as written."""
-    return template.replace("{token}", token).replace("{class_word}", class_word).replace("{class}", class_word)
-
-
-def scene_prompts(token: str = "sks", class_word: str = "man", scenes: dict[str, str] | None = None) -> dict[str, str]:
-    """The three-scene test prompts with the subject filled in."""
-    return {name: fill_prompt(p, token, class_word) for name, p in (scenes or SEED_SCENES).items()}
-
 
 def make_scheduler(model: SDModel, sampler: str = "ddim"):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,

@@ -1,0 +1,79 @@
+"""`generate`: sample the three scenes (or given prompts) from a base, optionally with a LoRA."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models import SDModel, load_model
+from .progress import ProgressFn, no_progress
+from .safe_io import atomic_save_image
+from .prompts import SEED_NEGATIVE, fill_prompt, scene_prompts
+from .sampling import generate_images
+
+
+@dataclass
+class GenerateRequest:
+    base: str = "tiny"
+    lora: str | None = None
+    strength: float = 1.0
+    rank: int = 0  # 0: the LoRA as trained
+    prompts: list[str] | None = None  # None: the three scenes
+    negative: str | None = None  # None: the seed's negative prompt
+    token: str | None = None  # None: the LoRA's trigger token, else "sks"
+    class_word: str | None = None
+    out: Path = Path("generated")
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    resolution: int | None = None
+    sampler: str = "ddim"
+
+
+@torch.no_grad()
+def apply_lora(model: SDModel, lora, strength: float = 1.0) -> int:
+    """Merge a LoRA's weight changes into the model's modules, scaled by `strength`. Returns layers changed."""
+    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    for name, layer in lora.layers.items():
+        component, path = name.split(".", 1)
+        try:
+            weight = modules[component].get_submodule(path).weight
+        except AttributeError:
+            raise UserError(f"The LoRA changes {name}, which this model does not have; pick the base it was trained on.") from None
+        delta = layer.delta(torch.float32)
+        if delta.shape != weight.shape:
+            raise UserError(f"The LoRA's {name} has shape {tuple(delta.shape)} but the model's is {tuple(weight.shape)}; "
+                            "pick the base it was trained on.")
+        weight += (strength * delta).to(weight.dtype)
+    return len(lora.layers)
+
+
+def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model: SDModel | None = None) -> list[Path]:
+    """Write one PNG per prompt into `req.out` (named by scene and seed); returns their paths."""
+    if req.steps < 1:
+        raise UserError(f"steps {req.steps} must be at least 1.")
+    token, class_word = req.token, req.class_word
+    lora = None
+    if req.lora:
+        from .lora_format import read_lora, resize
+
+        lora = read_lora(req.lora)
+        if req.rank:
+            lora, _ = resize(lora, rank=req.rank)
+        token = token or lora.metadata.get("dreambooth.token")
+        class_word = class_word or lora.metadata.get("dreambooth.class_word")
+    token, class_word = token or "sks", class_word or "man"
+    model = model or load_model(req.base)
+    if lora is not None:
+        apply_lora(model, lora, req.strength)
+    if req.prompts:
+        named = {f"prompt{i + 1}": fill_prompt(p, token, class_word) for i, p in enumerate(req.prompts)}
+    else:
+        named = scene_prompts(token, class_word)
+    negative = SEED_NEGATIVE if req.negative is None else req.negative
+    images = generate_images(model, list(named.values()), negative, [req.seed] * len(named),
+                             resolution=req.resolution, steps=req.steps, guidance=req.guidance,
+                             sampler=req.sampler, progress=progress)
+    return [atomic_save_image(im, Path(req.out) / f"{name}_{req.seed}.png") for name, im in zip(named, images)]

@@ -1,0 +1,512 @@
+"""One training loop for DreamBooth and LoRA on SD1.5, driven by accelerate.
+
+`train(cfg)` reads top to bottom: prepare data, cache latents and text embeddings, set
+up what is trained, then loop; checkpoints, validation and logging are calls out of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .models import SDModel, load_model
+from .progress import Progress, ProgressFn, no_progress
+from .safe_io import atomic_write_text
+from .prompts import fill_prompt
+from .train_config import TEXT_TARGETS, TARGETS, TrainConfig
+
+
+@dataclass
+class TrainResult:
+    output: Path | None  # the written model; None when cancelled
+    steps_done: int
+    final_loss: float | None
+    cancelled: bool = False
+    reused: bool = False  # the output for this exact config already existed
+    run_dir: Path | None = None
+    losses: list[dict] = field(default_factory=list)
+
+    @property
+    def loss_curve(self) -> Path | None:
+        path = self.run_dir / "loss.png" if self.run_dir else None
+        return path if path and path.exists() else None
+
+
+@dataclass
+class Batchable:
+    """Cached training examples: latent mean/std per image (and flip) and text embeddings."""
+
+    latent_mean: torch.Tensor  # [N, 4, h, w]
+    latent_std: torch.Tensor
+    input_ids: torch.Tensor  # [N, 77] token ids (for training the text encoder)
+    embeddings: torch.Tensor | None  # [N, 77, d] when the text encoder is frozen
+
+
+# ---------------------------------------------------------------- the job
+
+
+def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: Callable[[], bool] = lambda: False,
+          model: SDModel | None = None) -> TrainResult:
+    """Train, resume or reuse, as the config says. Writes only to cfg.output and cfg.run_path."""
+    from accelerate import Accelerator
+
+    cfg.validate()
+    fingerprint = inputs_fingerprint(cfg)
+    existing = _finished_output(cfg, fingerprint)
+    if existing is not None:
+        return existing
+    # cpu=True without CUDA: under `accelerate launch --multi_gpu` that gives gloo DDP over CPU processes
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    model = (model or load_model(cfg.base)).to(accelerator.device)
+    resolution = cfg.resolution or model.resolution
+    instance, class_examples = _prepare_examples(cfg, model, resolution, accelerator, progress)
+    trainable = _setup_trainable(cfg, model)
+    optimizer = _make_optimizer(cfg, trainable)
+    scheduler = _make_lr_scheduler(cfg, optimizer)  # stepped once per optimizer step, on every rank alike
+    state = _resume_state(cfg, fingerprint)
+    if state is not None:
+        trainable.load(state.weights)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    text_encoder = accelerator.prepare(model.text_encoder) if "text_encoder" in trainable.groups else model.text_encoder
+    noise_schedule = _noise_schedule(model)
+    losses = list(state.losses) if state else []
+    step = state.step if state else 0
+    started, first_step = time.perf_counter(), step
+
+    def save_checkpoint() -> None:
+        if accelerator.is_main_process and step > 0:
+            ckpt.save_checkpoint(cfg.run_path, ckpt.TrainState(step, trainable.state(), optimizer.state_dict(),
+                                                               scheduler.state_dict(), losses, cfg.to_json(),
+                                                               fingerprint))
+        accelerator.wait_for_everyone()
+
+    unet.train()
+    while step < cfg.total_steps:
+        if should_cancel():
+            save_checkpoint()
+            return TrainResult(None, step, losses[-1]["loss"] if losses else None, cancelled=True,
+                               run_dir=cfg.run_path, losses=losses)
+        generator = _step_generator(cfg.seed, accelerator.process_index, step)
+        loss_value = 0.0
+        for _ in range(cfg.grad_accum):
+            with accelerator.accumulate(unet):
+                batch = _sample_batch(cfg, instance, class_examples, generator)
+                with accelerator.autocast():
+                    loss = _loss(cfg, model, unet, text_encoder, batch, noise_schedule, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value += float(loss.detach()) / cfg.grad_accum
+        scheduler.step()
+        if not math.isfinite(loss_value):
+            last = ckpt.list_checkpoints(cfg.run_path)
+            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise UserError(f"The loss became {loss_value} at step {step + 1}; {kept}. Lower the learning rate "
+                            f"(now {cfg.learning_rate:g}) or train in full precision (mixed_precision 'no').")
+        step += 1
+        losses.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+        info = _speed(step - first_step, cfg.total_steps - step, started) | losses[-1]
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
+            save_checkpoint()
+        if cfg.validation_every and step % cfg.validation_every == 0 and accelerator.is_main_process:
+            info["images"] = _validation_images(cfg, model, resolution, step)
+        try:
+            progress(Progress("train", step, cfg.total_steps, info))
+        except BaseException:  # the host's Cancel arrives as an exception from its progress bar
+            save_checkpoint()
+            raise
+    output = None
+    if accelerator.is_main_process:
+        output = _write_output(cfg, model, accelerator.unwrap_model(unet), losses, fingerprint)
+    accelerator.wait_for_everyone()
+    return TrainResult(output, step, losses[-1]["loss"] if losses else None, run_dir=cfg.run_path, losses=losses)
+
+
+def inputs_fingerprint(cfg: TrainConfig) -> str:
+    """A hash of the config's result-changing fields and the content of its inputs (base, photos, class images)."""
+    import hashlib
+
+    from .models import file_sha256
+
+    digest = hashlib.sha256(cfg.result_hash().encode())
+    base = Path(cfg.base)
+    if cfg.base == "tiny":
+        digest.update(b"tiny")
+    elif base.is_file():
+        digest.update(file_sha256(base).encode())
+    for folder in (Path(cfg.instance_dir), base if base.is_dir() else None):
+        if folder is None or not folder.is_dir():
+            continue
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reuse and resume
+
+
+def _finished_output(cfg: TrainConfig, fingerprint: str) -> TrainResult | None:
+    """The output already written for this exact config is reused; a different one is refused."""
+    out = cfg.output_path
+    if not out.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as f:
+            written = (f.metadata() or {}).get("dreambooth.config_hash")
+    except Exception:
+        written = None
+    if written == fingerprint and not cfg.overwrite:
+        return TrainResult(out, cfg.total_steps, None, reused=True, run_dir=cfg.run_path)
+    if not cfg.overwrite:
+        raise UserError(f"{out} already exists and was not made by this exact training config; "
+                        "choose another output name or turn on overwrite.")
+    return None
+
+
+def _resume_state(cfg: TrainConfig, fingerprint: str) -> ckpt.TrainState | None:
+    found = ckpt.list_checkpoints(cfg.run_path)
+    if not found or not cfg.resume:
+        return None
+    state = ckpt.load_checkpoint(found[-1])
+    if state.fingerprint != fingerprint:
+        raise UserError(f"{cfg.run_path} holds checkpoints of a different training config; "
+                        "choose another output name, or delete that folder to start over.")
+    return state
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Randomness of one step depends only on (seed, rank, step): resuming needs no RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + step) % (2**63))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelerator, progress: ProgressFn):
+    from PIL import Image
+
+    from .class_images import ClassImageConfig, ensure_class_images
+    from .dataset import DATASET_JSON, PrepareConfig, load_dataset, prepare_dataset
+    from .sampling import make_generator
+
+    folder = Path(cfg.instance_dir)
+    if not (folder / DATASET_JSON).is_file():  # a photo folder: prepare it on the fly
+        prepared = cfg.run_path / "dataset"
+        if accelerator.is_main_process:
+            prepare_dataset(folder, prepared, PrepareConfig(token=cfg.token, class_word=cfg.class_word,
+                                                            resolution=resolution, flip=cfg.flip), progress)
+        accelerator.wait_for_everyone()
+        folder = prepared
+    dataset = load_dataset(folder)
+    items = dataset.training_items()
+    images = [Image.open(item.image).convert("RGB") for item in items]
+    captions = [fill_prompt(item.caption, cfg.token, cfg.class_word) for item in items]
+    if cfg.batch_size > len(images):
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images in {folder}; "
+                        f"use a batch size of at most {len(images)} or add photos.")
+    mirror = cfg.flip and not dataset.config.flip  # a dataset prepared with flip already holds mirrored copies
+    instance = _encode(model, images, captions, resolution, cfg, progress, "cache instance latents", mirror)
+    class_examples = None
+    if cfg.prior_preservation:
+        class_prompt = fill_prompt(cfg.class_prompt, cfg.token, cfg.class_word)
+        class_dir = Path(cfg.class_dir) if cfg.class_dir else cfg.run_path.parent / "class_images"
+        icfg = ClassImageConfig(class_word=cfg.class_word, prompt=class_prompt, num=cfg.num_class_images,
+                                resolution=resolution, seed=cfg.seed)
+        if accelerator.is_main_process:
+            ensure_class_images(make_generator(model), model.sha256, class_dir, icfg, progress)
+        accelerator.wait_for_everyone()
+        report = ensure_class_images(make_generator(model), model.sha256, class_dir, icfg, no_progress)
+        paths = sorted(report.images)[: cfg.num_class_images]
+        class_images = [Image.open(p).convert("RGB") for p in paths]
+        class_examples = _encode(model, class_images, [class_prompt] * len(class_images), resolution, cfg, progress,
+                                 "cache class latents", cfg.flip)
+    return instance, class_examples
+
+
+@torch.no_grad()
+def _encode(model: SDModel, images: list, captions: list[str], resolution: int, cfg: TrainConfig,
+            progress: ProgressFn, stage: str, mirror: bool = False) -> Batchable:
+    """VAE latents once per image (and its mirror image), text embeddings once per caption."""
+    from PIL import ImageOps
+
+    if mirror:
+        images = images + [ImageOps.mirror(im) for im in images]
+        captions = captions + captions
+    means, stds = [], []
+    device, dtype = next(model.vae.parameters()).device, next(model.vae.parameters()).dtype
+    for i, image in enumerate(images):
+        pixels = _to_tensor(image, resolution).to(device, dtype)
+        dist = model.vae.encode(pixels[None]).latent_dist
+        means.append(dist.mean[0].float().cpu())
+        stds.append(dist.std[0].float().cpu())
+        progress(Progress(stage, i + 1, len(images)))
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    embeddings = None
+    if not cfg.train_text_encoder:
+        unique = {c: None for c in captions}
+        for caption in unique:
+            one = ids[captions.index(caption)][None].to(device)
+            unique[caption] = model.text_encoder(one)[0][0].float().cpu()
+        embeddings = torch.stack([unique[c] for c in captions])
+    return Batchable(torch.stack(means), torch.stack(stds), ids, embeddings)
+
+
+def _to_tensor(image, resolution: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return array / 127.5 - 1.0
+
+
+def _sample_batch(cfg: TrainConfig, instance: Batchable, class_examples: Batchable | None,
+                  generator: torch.Generator) -> dict:
+    """Instance examples, then class examples (prior preservation), in one batch."""
+    parts = [(instance, torch.randint(len(instance.input_ids), (cfg.batch_size,), generator=generator))]
+    if class_examples is not None:
+        parts.append((class_examples, torch.randint(len(class_examples.input_ids), (cfg.batch_size,), generator=generator)))
+    mean = torch.cat([src.latent_mean[idx] for src, idx in parts])
+    std = torch.cat([src.latent_std[idx] for src, idx in parts])
+    latents = mean + std * torch.randn(mean.shape, generator=generator)
+    ids = torch.cat([src.input_ids[idx] for src, idx in parts])
+    emb = None if instance.embeddings is None else torch.cat([src.embeddings[idx] for src, idx in parts])
+    return {"latents": latents, "input_ids": ids, "embeddings": emb}
+
+
+# ---------------------------------------------------------------- what is trained
+
+
+@dataclass
+class Trainable:
+    """What one method trains: the modules it touches and their trainable parameters."""
+
+    modules: dict[str, torch.nn.Module]  # "unet", "text_encoder"
+    groups: dict[str, list[torch.nn.Parameter]]  # trainable params per module
+
+    def named(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable params by qualified name ("unet.<param>", "text_encoder.<param>")."""
+        wanted = {id(p) for params in self.groups.values() for p in params}
+        return {f"{prefix}.{name}": p for prefix, module in self.modules.items()
+                for name, p in module.named_parameters() if id(p) in wanted}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for params in self.groups.values() for p in params]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.named().items()}
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        named = self.named()
+        missing = sorted(set(named) - set(weights))
+        if missing:
+            raise UserError(f"The checkpoint does not match this training setup (it lacks {missing[0]}); "
+                            "delete the run folder to start over.")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(weights[name])
+
+
+def _setup_trainable(cfg: TrainConfig, model: SDModel) -> Trainable:
+    """Freeze everything, then open what this method trains."""
+    for module in model.components().values():
+        module.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            model.text_encoder.gradient_checkpointing_enable()
+    if cfg.method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.manual_seed(cfg.seed)  # LoRA down-weights start random, up-weights at zero
+        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                          target_modules=TARGETS[cfg.targets]))
+        if cfg.train_text_encoder:
+            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                               target_modules=TEXT_TARGETS), model.text_encoder)
+        for module in (model.unet, model.text_encoder):
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name and (module is model.unet or cfg.train_text_encoder))
+    else:
+        model.unet.requires_grad_(True)
+        model.text_encoder.requires_grad_(cfg.train_text_encoder)
+    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    groups = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+    groups = {name: params for name, params in groups.items() if params}
+    for p in (p for params in groups.values() for p in params):
+        p.data = p.data.float()  # fp32 master weights; mixed precision autocasts the compute
+    return Trainable(modules, groups)
+
+
+def _make_optimizer(cfg: TrainConfig, trainable: Trainable) -> torch.optim.Optimizer:
+    groups = [{"params": trainable.groups["unet"], "lr": cfg.learning_rate}]
+    if "text_encoder" in trainable.groups:
+        groups.append({"params": trainable.groups["text_encoder"], "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optimizer 'adamw8bit' needs bitsandbytes and a GPU; pip install bitsandbytes, "
+                            "or choose 'adamw'.") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise UserError("optimizer 'prodigy' needs prodigyopt; pip install prodigyopt, or choose 'adamw'.") from None
+        return Prodigy(groups, weight_decay=1e-2)
+    return torch.optim.AdamW(groups, weight_decay=1e-2)
+
+
+def _make_lr_scheduler(cfg: TrainConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.total_steps)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def _noise_schedule(model: SDModel):
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in model.scheduler_config.items() if k != "_class_name"}
+    return DDPMScheduler.from_config(config)
+
+
+def _loss(cfg: TrainConfig, model: SDModel, unet, text_encoder, batch: dict, schedule,
+          generator: torch.Generator) -> torch.Tensor:
+    device = next(unet.parameters()).device
+    latents = batch["latents"].to(device) * model.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(device)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy = schedule.add_noise(latents, noise, t)
+    if batch["embeddings"] is not None:
+        context = batch["embeddings"].to(device)
+    else:
+        context = text_encoder(batch["input_ids"].to(device))[0]
+    pred = unet(noisy, t, context).sample
+    target = noise if model.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, t)
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        per_example = per_example * _min_snr_weight(schedule, t, cfg.min_snr_gamma, model.prediction_type)
+    if cfg.prior_preservation:
+        instance_loss, class_loss = per_example.chunk(2)
+        return instance_loss.mean() + cfg.prior_loss_weight * class_loss.mean()
+    return per_example.mean()
+
+
+def _min_snr_weight(schedule, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023)."""
+    alphas = schedule.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+# ---------------------------------------------------------------- reporting and output
+
+
+def _speed(done: int, left: int, started: float) -> dict:
+    elapsed = time.perf_counter() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return {"it_per_s": rate, "eta_s": left / rate if rate else None, "elapsed_s": elapsed}
+
+
+def _validation_images(cfg: TrainConfig, model: SDModel, resolution: int, step: int) -> list[Path]:
+    from .safe_io import atomic_save_image
+    from .sampling import generate_images
+
+    prompts = [fill_prompt(p, cfg.token, cfg.class_word) for p in cfg.validation_prompts]
+    was_training = model.unet.training
+    model.unet.eval()
+    images = generate_images(model, prompts, cfg.validation_negative, list(range(len(prompts))),
+                             resolution=resolution, steps=20)
+    model.unet.train(was_training)
+    folder = cfg.run_path / "validation"
+    return [atomic_save_image(im, folder / f"step_{step:07d}_{i}.png") for i, im in enumerate(images)]
+
+
+def _write_output(cfg: TrainConfig, model: SDModel, unet, losses: list[dict], fingerprint: str) -> Path:
+    from .models import save_single_file
+
+    meta = {
+        "dreambooth.token": cfg.token,
+        "dreambooth.class_word": cfg.class_word,
+        "dreambooth.method": cfg.method,
+        "dreambooth.config": cfg.to_json(),
+        "dreambooth.config_hash": fingerprint,
+        "dreambooth.base_sha256": model.sha256,
+        "dreambooth.steps": str(cfg.total_steps),
+        "dreambooth.final_loss": f"{losses[-1]['loss']:.6g}" if losses else "",
+    }
+    _write_loss_log(cfg.run_path, losses)
+    if cfg.method == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        from .lora_format import kohya_metadata, peft_state_to_lora, write_kohya
+
+        te_state = get_peft_model_state_dict(model.text_encoder) if cfg.train_text_encoder else None
+        lora = peft_state_to_lora(get_peft_model_state_dict(unet), te_state, cfg.lora_alpha)
+        meta = kohya_metadata(lora, title=cfg.output_path.stem, steps=cfg.total_steps, token=cfg.token,
+                              class_word=cfg.class_word, base_sha256=model.sha256, base_name=Path(cfg.base).name,
+                              training=json.loads(cfg.to_json()), resolution=cfg.resolution or model.resolution) | meta
+        return write_kohya(lora, cfg.output_path, metadata=meta)
+    return save_single_file(model, cfg.output_path, metadata=meta)
+
+
+def _write_loss_log(run_dir: Path, losses: list[dict]) -> None:
+    atomic_write_text(run_dir / "loss.jsonl", "".join(json.dumps(r) + "\n" for r in losses))
+    if losses:
+        plot_loss(losses, run_dir / "loss.png")
+
+
+def plot_loss(losses: list[dict], path: Path) -> Path:
+    """Loss (and its moving average) and learning rate against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .safe_io import atomic_path
+
+    steps = [r["step"] for r in losses]
+    values = [r["loss"] for r in losses]
+    window = max(1, len(values) // 20)
+    smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+              for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
+    ax.plot(steps, smooth, color="#157", linewidth=1.6, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in losses], color="#c73", linewidth=1, label="lr")
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
