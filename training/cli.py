@@ -24,6 +24,10 @@ class TqdmProgress:
     def __call__(self, event: Progress) -> None:
         from tqdm import tqdm
 
+        if event.stage == "warning":
+            self.close()
+            print(f"warning: {event.info.get('note', '')}", file=sys.stderr)
+            return
         if event.stage != self._stage or self._bar is None:
             self.close()
             self._stage = event.stage

@@ -21,7 +21,7 @@ HELP = {
     "lr": "learning rate (default: LoRA 1e-4, DreamBooth 2e-6)",
     "resolution": "training size in pixels (default: the base's own, 512 for SD1.5)",
     "prior_preservation": "train on generated class images too (DreamBooth paper)",
-    "class_dir": "folder of class images (cached; default: class_images/ beside the output)",
+    "class_dir": "folder of class images to use as they are; without images there, they are generated and cached in it (default: class_images/ beside the output)",
     "validation_every": "render the validation prompts every N steps (0: never)",
     "run_dir": "checkpoints, loss log and validation images (default: <output>.run/)",
     "resume": "continue from the last checkpoint of the same run (on by default)",

@@ -1,6 +1,7 @@
 """`generate`: sample the three scenes (or given prompts) from a base, optionally with a LoRA."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,23 +51,47 @@ def apply_lora(model: SDModel, lora, strength: float = 1.0) -> int:
     return len(lora.layers)
 
 
-def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model: SDModel | None = None) -> list[Path]:
-    """Write one PNG per prompt into `req.out` (named by scene and seed); returns their paths."""
+_BRACED = re.compile(r"\{[^{}]*\}?|\}")
+_FILLED = {"{token}", "{class}", "{class_word}"}
+
+
+def check_request(req: GenerateRequest) -> None:
+    """Refuse settings that would fail (or silently do nothing) only after the model is loaded."""
     if req.steps < 1:
         raise UserError(f"steps {req.steps} must be at least 1.")
+    if req.resolution is not None and (req.resolution < 64 or req.resolution % 8):
+        raise UserError(f"resolution {req.resolution} must be a multiple of 8 and at least 64 (512 for SD1.5).")
+    if req.rank < 0:
+        raise UserError(f"rank {req.rank} must be 0 (the LoRA as trained) or a lower rank to resize it to, such as 4.")
+    named = [("prompt", p) for p in req.prompts or []] + [("negative prompt", req.negative or "")]
+    for what, text in named:
+        stray = [b for b in _BRACED.findall(text) if b not in _FILLED]
+        if stray:
+            raise UserError(f"The {what} '{text}' has {stray[0]}; only {{token}} and {{class}} are filled in, "
+                            "so remove the other braces.")
+
+
+def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model: SDModel | None = None) -> list[Path]:
+    """Write one PNG per prompt into `req.out` (named by scene and seed); returns their paths."""
+    check_request(req)
     token, class_word = req.token, req.class_word
     lora = None
     if req.lora:
         from .lora_format import read_lora, resize
 
         lora = read_lora(req.lora)
+        trained = max(layer.rank for layer in lora.layers.values())
+        if req.rank > trained:
+            raise UserError(f"rank {req.rank} is above the LoRA's trained rank {trained}; give 1 to {trained}, "
+                            "or 0 for the LoRA as trained.")
         if req.rank:
             lora, _ = resize(lora, rank=req.rank)
         token = token or lora.metadata.get("dreambooth.token")
         class_word = class_word or lora.metadata.get("dreambooth.class_word")
     token, class_word = token or "sks", class_word or "man"
-    model = model or load_model(req.base)
-    if lora is not None:
+    if model is None:
+        model = load_model(req.base).to("cuda" if torch.cuda.is_available() else "cpu")
+    if lora is not None:  # merged into the model's weights: a model passed in keeps the LoRA
         apply_lora(model, lora, req.strength)
     if req.prompts:
         named = {f"prompt{i + 1}": fill_prompt(p, token, class_word) for i, p in enumerate(req.prompts)}

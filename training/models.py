@@ -5,6 +5,7 @@ Nothing here touches the network: configs and the CLIP tokenizer ship in `config
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,9 @@ from .safe_io import atomic_save_safetensors
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZER_DIR = CONFIGS / "clip_tokenizer"
-FAMILY_CONFIGS = {"sd15": CONFIGS / "sd15", "tiny": CONFIGS / "tiny"}
+FAMILY_CONFIGS = {"sd15": CONFIGS / "sd15", "tiny": CONFIGS / "tiny", "sd15-mini": CONFIGS / "sd15_mini"}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "tiny": "tiny (random weights: its pictures are noise)",
+                "sd15-mini": "SD1.5 family, reduced UNet (sd15-mini, a test layout)"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 TINY_SEED = 0
 
@@ -34,9 +37,9 @@ class SDModel:
     text_encoder: "CLIPTextModel"  # noqa: F821
     tokenizer: "CLIPTokenizer"  # noqa: F821
     scheduler_config: dict
-    family: str  # "sd15" or "tiny"
+    family: str  # "sd15", "tiny" or "sd15-mini" (see FAMILY_CONFIGS)
     source: str  # "tiny", or the file / folder it came from
-    source_kind: str  # "tiny" | "single-file" | "diffusers"
+    source_kind: str  # "random" (tiny and test layouts) | "single-file" | "diffusers"
     _sha256: str = ""
 
     @property
@@ -145,11 +148,15 @@ def _detect_family(f, keys: list[str], name: str) -> str:
     context = _shape(f, f"{ldm_keys.UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     if any(k.startswith("cond_stage_model.model.") for k in keys) or (context and context[1] == 1024):
         raise UserError(f"{name} is a Stable Diffusion 2.x checkpoint (1024-wide cross-attention); pick an SD1.5 checkpoint.")
+    output_blocks = {k.split(".")[3] for k in keys if k.startswith(f"{ldm_keys.UNET_PREFIX}output_blocks.")}
     for family, folder in FAMILY_CONFIGS.items():
         cfg = json.loads((folder / "unet" / "config.json").read_text())
-        if conv_in[0] == cfg["block_out_channels"][0] and context and context[1] == cfg["cross_attention_dim"]:
+        levels = len(cfg["block_out_channels"]) * (cfg["layers_per_block"] + 1)
+        if (conv_in[0], context and context[1], len(output_blocks)) == (cfg["block_out_channels"][0],
+                                                                          cfg["cross_attention_dim"], levels):
             return family
-    raise UserError(f"{name} has an unknown UNet width ({conv_in[0]} channels, context {context}); pick an SD1.5 checkpoint.")
+    raise UserError(f"{name} has an unknown UNet layout ({conv_in[0]} channels, context {context}, "
+                    f"{len(output_blocks)} output blocks); pick an SD1.5 checkpoint.")
 
 
 # ---------------------------------------------------------------- loading
@@ -186,7 +193,7 @@ def build_random(family: str = "tiny", seed: int = TINY_SEED, dtype: torch.dtype
         _fill_random(module, generator)
         module.eval()
     model = SDModel(unet, vae, text_encoder, load_tokenizer(), _scheduler_config(folder), family,
-                    "tiny" if family == "tiny" else f"random-{family}", "tiny")
+                    "tiny" if family == "tiny" else f"random-{family}", "random")
     return model
 
 
@@ -223,6 +230,18 @@ def load_model(base: str | os.PathLike, dtype: torch.dtype = torch.float32) -> S
     return _load_single_file(path, dtype)
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
 def _load_single_file(path: Path, dtype: torch.dtype) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -233,16 +252,22 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> SDModel:
     folder = FAMILY_CONFIGS[info.family]
     checkpoint = load_file(str(path))
     common = dict(config=str(folder), local_files_only=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
-    vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
-    text_encoder = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, checkpoint, subfolder="text_encoder", config=str(folder), torch_dtype=dtype, local_files_only=True
-    )
+    with _quiet_diffusers():  # it warns about fp32-only modules on every cast, listing none
+        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
+        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, checkpoint, subfolder="text_encoder", config=str(folder), torch_dtype=dtype,
+            local_files_only=True)
     del checkpoint
     scheduler = _scheduler_config(folder)
     if info.metadata.get("modelspec.prediction_type") == "v":
         scheduler["prediction_type"] = "v_prediction"
     return SDModel(unet, vae, text_encoder, load_tokenizer(), scheduler, info.family, str(path), "single-file")
+
+
+def _same_unet(a: dict, b: dict) -> bool:
+    keys = ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types")
+    return all(list(a.get(k)) == list(b.get(k)) if isinstance(a.get(k), list) else a.get(k) == b.get(k) for k in keys)
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDModel:
@@ -262,7 +287,11 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDModel:
     if context in (1024, 2048) or "addition_embed_type" in unet_cfg and unet_cfg["addition_embed_type"]:
         base = "SDXL" if context == 2048 or unet_cfg.get("addition_embed_type") else "Stable Diffusion 2.x"
         raise UserError(f"{path} is a {base} model ({context}-wide cross-attention); pick an SD1.5 model.")
-    family = "tiny" if context == 32 else "sd15"
+    family = next((f for f, folder in FAMILY_CONFIGS.items()
+                   if _same_unet(json.loads((folder / "unet" / "config.json").read_text()), unet_cfg)), None)
+    if family is None:
+        raise UserError(f"{path} has an unknown UNet layout ({unet_cfg.get('block_out_channels')}, context {context}); "
+                        "pick an SD1.5 model.")
     kw = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
@@ -368,8 +397,7 @@ def describe(base: str | os.PathLike) -> str:
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in model.components().items()}
         family, kind, sha = model.family, model.source_kind, model.sha256
         dtype = str(next(model.unet.parameters()).dtype).removeprefix("torch.")
-    names = {"sd15": "Stable Diffusion 1.5", "tiny": "tiny (random weights: its pictures are noise)"}
-    lines = [f"{base}", f"  family:     {names[family]}", f"  format:     {kind}", f"  dtype:      {dtype}"]
+    lines = [f"{base}", f"  family:     {FAMILY_NAMES[family]}", f"  format:     {kind}", f"  dtype:      {dtype}"]
     lines += [f"  {name + ':':<11} {n / 1e6:,.1f} M parameters" for name, n in counts.items()]
     lines.append(f"  sha256:     {sha}")
     return "\n".join(lines)

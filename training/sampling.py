@@ -23,8 +23,14 @@ def make_scheduler(model: SDModel, sampler: str = "ddim"):
 
 def make_pipeline(model: SDModel, sampler: str = "ddim"):
     """A StableDiffusionPipeline over the model's own modules (no copies, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    from transformers.utils import logging as tlogging
 
+    level = tlogging.get_verbosity()
+    tlogging.set_verbosity_error()  # importing the pipeline notes that torchvision is absent; it is not needed
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        tlogging.set_verbosity(level)
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=make_scheduler(model, sampler), safety_checker=None, feature_extractor=None,

@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .errors import UserError
 from .models import SDModel, load_model
 from .progress import Progress, ProgressFn, no_progress
+from .resources import is_out_of_memory, lower_settings, memory_warning
 from .safe_io import atomic_write_text
 from .prompts import fill_prompt
 from .train_config import TEXT_TARGETS, TARGETS, TrainConfig
@@ -66,9 +67,15 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` that gives gloo DDP over CPU processes
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               cpu=not torch.cuda.is_available())
+    owned = model is None
     model = (model or load_model(cfg.base)).to(accelerator.device)
     resolution = cfg.resolution or model.resolution
+    warning = memory_warning(cfg, model, resolution, accelerator.device)
+    if warning:
+        progress(Progress("warning", 0, 0, {"note": warning}))
     instance, class_examples = _prepare_examples(cfg, model, resolution, accelerator, progress)
+    if owned and cfg.method == "lora" and not cfg.validation_every and not cfg.train_text_encoder:
+        _release(model.vae, model.text_encoder)  # latents and embeddings are cached; the output is the LoRA alone
     trainable = _setup_trainable(cfg, model)
     optimizer = _make_optimizer(cfg, trainable)
     scheduler = _make_lr_scheduler(cfg, optimizer)  # stepped once per optimizer step, on every rank alike
@@ -92,42 +99,48 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
         accelerator.wait_for_everyone()
 
     unet.train()
-    while step < cfg.total_steps:
-        if should_cancel():
-            save_checkpoint()
-            return TrainResult(None, step, losses[-1]["loss"] if losses else None, cancelled=True,
-                               run_dir=cfg.run_path, losses=losses)
-        generator = _step_generator(cfg.seed, accelerator.process_index, step)
-        loss_value = 0.0
-        for _ in range(cfg.grad_accum):
-            with accelerator.accumulate(unet):
-                batch = _sample_batch(cfg, instance, class_examples, generator)
-                with accelerator.autocast():
-                    loss = _loss(cfg, model, unet, text_encoder, batch, noise_schedule, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value += float(loss.detach()) / cfg.grad_accum
-        scheduler.step()
-        if not math.isfinite(loss_value):
-            last = ckpt.list_checkpoints(cfg.run_path)
-            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise UserError(f"The loss became {loss_value} at step {step + 1}; {kept}. Lower the learning rate "
-                            f"(now {cfg.learning_rate:g}) or train in full precision (mixed_precision 'no').")
-        step += 1
-        losses.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
-        info = _speed(step - first_step, cfg.total_steps - step, started) | losses[-1]
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
-            save_checkpoint()
-        if cfg.validation_every and step % cfg.validation_every == 0 and accelerator.is_main_process:
-            info["images"] = _validation_images(cfg, model, resolution, step)
-        try:
-            progress(Progress("train", step, cfg.total_steps, info))
-        except BaseException:  # the host's Cancel arrives as an exception from its progress bar
-            save_checkpoint()
+    try:
+        while step < cfg.total_steps:
+            if should_cancel():
+                save_checkpoint()
+                return TrainResult(None, step, losses[-1]["loss"] if losses else None, cancelled=True,
+                                   run_dir=cfg.run_path, losses=losses)
+            generator = _step_generator(cfg.seed, accelerator.process_index, step)
+            loss_value = 0.0
+            for _ in range(cfg.grad_accum):
+                with accelerator.accumulate(unet):
+                    batch = _sample_batch(cfg, instance, class_examples, generator)
+                    with accelerator.autocast():
+                        loss = _loss(cfg, model, unet, text_encoder, batch, noise_schedule, generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_value += float(loss.detach()) / cfg.grad_accum
+            scheduler.step()
+            if not math.isfinite(loss_value):
+                raise UserError(f"The loss became {loss_value} at step {step + 1}; {_last_checkpoint(cfg)}. Lower the "
+                                f"learning rate (now {cfg.learning_rate:g}) or train in full precision "
+                                "(mixed_precision 'no').")
+            step += 1
+            losses.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+            info = _speed(step - first_step, cfg.total_steps - step, started) | losses[-1]
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
+                save_checkpoint()
+            if cfg.validation_every and step % cfg.validation_every == 0 and accelerator.is_main_process:
+                info["images"] = _validation_images(cfg, model, resolution, step)
+            try:
+                progress(Progress("train", step, cfg.total_steps, info))
+            except BaseException:  # the host's Cancel arrives as an exception from its progress bar
+                save_checkpoint()
+                raise
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
             raise
+        optimizer.zero_grad(set_to_none=True)
+        raise UserError(f"Out of memory at step {step + 1}; {_last_checkpoint(cfg)} and resumes with the same "
+                        f"command; {lower_settings(cfg, resolution)}.") from None
     output = None
     if accelerator.is_main_process:
         output = _write_output(cfg, model, accelerator.unwrap_model(unet), losses, fingerprint)
@@ -135,8 +148,19 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
     return TrainResult(output, step, losses[-1]["loss"] if losses else None, run_dir=cfg.run_path, losses=losses)
 
 
+def _last_checkpoint(cfg: TrainConfig) -> str:
+    last = ckpt.list_checkpoints(cfg.run_path)
+    return f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+
+
+def _release(*modules: torch.nn.Module) -> None:
+    """Free the weights of modules the loop no longer needs (their configs stay readable)."""
+    for module in modules:
+        module.to("meta")
+
+
 def inputs_fingerprint(cfg: TrainConfig) -> str:
-    """A hash of the config's result-changing fields and the content of its inputs (base, photos, class images)."""
+    """A hash of the config's result-changing fields and of its inputs (base, photos, given class images)."""
     import hashlib
 
     from .models import file_sha256
@@ -147,10 +171,13 @@ def inputs_fingerprint(cfg: TrainConfig) -> str:
         digest.update(b"tiny")
     elif base.is_file():
         digest.update(file_sha256(base).encode())
-    for folder in (Path(cfg.instance_dir), base if base.is_dir() else None):
+    # the base folder whole; photos and given class images are the files directly in their folders
+    # (class images the trainer generates into a subfolder follow from the base and the config)
+    for folder, pattern in ((base if base.is_dir() else None, "**/*"), (Path(cfg.instance_dir), "*"),
+                            (Path(cfg.class_dir) if cfg.class_dir else None, "*")):
         if folder is None or not folder.is_dir():
             continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in sorted(p for p in folder.glob(pattern) if p.is_file()):
             stat = path.stat()
             digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
@@ -201,9 +228,7 @@ def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelerator, progress: ProgressFn):
     from PIL import Image
 
-    from .class_images import ClassImageConfig, ensure_class_images
     from .dataset import DATASET_JSON, PrepareConfig, load_dataset, prepare_dataset
-    from .sampling import make_generator
 
     folder = Path(cfg.instance_dir)
     if not (folder / DATASET_JSON).is_file():  # a photo folder: prepare it on the fly
@@ -225,18 +250,30 @@ def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, acceler
     class_examples = None
     if cfg.prior_preservation:
         class_prompt = fill_prompt(cfg.class_prompt, cfg.token, cfg.class_word)
-        class_dir = Path(cfg.class_dir) if cfg.class_dir else cfg.run_path.parent / "class_images"
-        icfg = ClassImageConfig(class_word=cfg.class_word, prompt=class_prompt, num=cfg.num_class_images,
-                                resolution=resolution, seed=cfg.seed)
-        if accelerator.is_main_process:
-            ensure_class_images(make_generator(model), model.sha256, class_dir, icfg, progress)
-        accelerator.wait_for_everyone()
-        report = ensure_class_images(make_generator(model), model.sha256, class_dir, icfg, no_progress)
-        paths = sorted(report.images)[: cfg.num_class_images]
+        paths = _class_image_paths(cfg, model, resolution, class_prompt, accelerator, progress)
         class_images = [Image.open(p).convert("RGB") for p in paths]
         class_examples = _encode(model, class_images, [class_prompt] * len(class_images), resolution, cfg, progress,
                                  "cache class latents", cfg.flip)
     return instance, class_examples
+
+
+def _class_image_paths(cfg: TrainConfig, model: SDModel, resolution: int, class_prompt: str, accelerator,
+                       progress: ProgressFn) -> list[Path]:
+    """A folder that already holds images is used as it is (made by the Class Images node or
+    `class-images`, or the user's own); otherwise the images are generated once into a cache."""
+    from .class_images import ClassImageConfig, ensure_class_images, list_images
+    from .sampling import make_generator
+
+    given = list_images(Path(cfg.class_dir)) if cfg.class_dir else []
+    if given:
+        return given[: cfg.num_class_images]
+    root = Path(cfg.class_dir) if cfg.class_dir else cfg.run_path.parent / "class_images"
+    icfg = ClassImageConfig(class_word=cfg.class_word, prompt=class_prompt, negative=cfg.class_negative,
+                            num=cfg.num_class_images, resolution=resolution, steps=cfg.class_steps, seed=cfg.seed)
+    if accelerator.is_main_process:
+        ensure_class_images(make_generator(model), model.sha256, root, icfg, progress)
+    accelerator.wait_for_everyone()
+    return ensure_class_images(make_generator(model), model.sha256, root, icfg).images[: cfg.num_class_images]
 
 
 @torch.no_grad()

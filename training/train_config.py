@@ -51,7 +51,9 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     class_prompt: str = "a photo of a {class}"
-    class_dir: str | None = None
+    class_negative: str = ""
+    class_steps: int = 30  # sampling steps when the trainer generates the class images itself
+    class_dir: str | None = None  # a folder of class images, used as is; empty or None: generated and cached
     flip: bool = False
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
@@ -157,6 +159,8 @@ class TrainConfig:
                 bad("num_class_images", "must be at least 1 with prior preservation on")
             if self.prior_loss_weight < 0:
                 bad("prior_loss_weight", "must be 0 or more")
+            if self.class_steps < 1:
+                bad("class_steps", "must be at least 1")
         if self.noise_offset < 0:
             bad("noise_offset", "must be 0 or more (0.05 to 0.1 is usual)")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:

@@ -1,0 +1,161 @@
+"""Our LoRA training loop against a reference loop, measured in the same run.
+
+The reference does what diffusers' `train_dreambooth_lora.py` does every step: encode the
+batch's images with the VAE and its prompts with the text encoder, then one UNet step.
+Ours caches latents and text embeddings once. Both train the same peft LoRA (rank 4, attention
+q/k/v/out) with prior preservation on the same model, photos, class images and steps.
+
+    python bench/bench_train.py            # tiny: steps/s and whole-run wall time
+    python bench/bench_train.py --memory   # + peak RSS on the full-size SD1.5 layout at 256 px
+
+Each measurement runs in a fresh process so peak RSS belongs to that loop alone.
+Goals (issue 4): >= 1.5x the steps/s and <= 0.66x the wall time on tiny; <= 0.6x the peak
+memory on the full-size layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def reference_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: int, seed: int = 0) -> dict:
+    """Encode with the VAE and the text encoder every step, as train_dreambooth_lora.py does."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from PIL import Image
+
+    from training.dataset import load_dataset
+    from training.models import load_model
+    from training.train import _to_tensor
+
+    started = time.perf_counter()
+    model = load_model(base)
+    data = load_dataset(dataset)
+    instance = [_to_tensor(Image.open(i.image).convert("RGB"), resolution) for i in data.items]
+    classes = [_to_tensor(Image.open(p).convert("RGB"), resolution) for p in sorted(class_dir.rglob("class_*.png"))]
+    prompts = [data.instance_prompt, "a photo of a man"]
+    for m in model.components().values():
+        m.requires_grad_(False)
+    torch.manual_seed(seed)
+    model.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    schedule = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if k != "_class_name"})
+    g = torch.Generator().manual_seed(seed)
+    model.unet.train()
+    loop_start = time.perf_counter()
+    for _ in range(steps):
+        pixels = torch.stack([instance[int(torch.randint(len(instance), (1,), generator=g))],
+                              classes[int(torch.randint(len(classes), (1,), generator=g))]])
+        with torch.no_grad():
+            latents = model.vae.encode(pixels).latent_dist.sample(g) * model.vae.config.scaling_factor
+            ids = model.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                                  return_tensors="pt").input_ids
+            context = model.text_encoder(ids)[0]
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        pred = model.unet(schedule.add_noise(latents, noise, t), t, context).sample
+        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = per[0] + per[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loop_s": time.perf_counter() - loop_start, "total_s": time.perf_counter() - started}
+
+
+def our_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: int, out: Path) -> dict:
+    from training.train import train
+    from training.train_config import TrainConfig
+
+    started = time.perf_counter()
+    loop = {}
+
+    def progress(event) -> None:
+        if event.stage == "train" and event.step == 1:
+            loop["first_step_at"] = time.perf_counter()
+
+    cfg = TrainConfig(base=base, instance_dir=str(dataset), output=str(out), steps=steps + 1, rank=4,
+                      resolution=resolution, num_class_images=len(list(class_dir.rglob("class_*.png"))),
+                      class_dir=str(class_dir), save_every=0, overwrite=True, resume=False)
+    train(cfg, progress=progress)
+    end = time.perf_counter()
+    # steps after the first one, to leave out the first step's one-off costs as the reference does
+    return {"loop_s": end - loop["first_step_at"], "total_s": end - started}
+
+
+def measure(kind: str, base: str, dataset: Path, class_dir: Path, resolution: int, steps: int) -> dict:
+    """Run one loop in a fresh process; return its times and peak RSS."""
+    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path;"
+            f"import bench.bench_train as b;"
+            f"r = b.{kind}({base!r}, Path({str(dataset)!r}), Path({str(class_dir)!r}), {resolution}, {steps}"
+            + (f", Path({str(dataset.parent / 'ours.safetensors')!r}))" if kind == "our_loop" else ")")
+            + "; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if run.returncode:
+        raise SystemExit(run.stderr[-3000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def setup(work: Path, base: str, resolution: int, num_class: int) -> tuple[Path, Path]:
+    """Prepare the bundled photos and the class images once, outside any measurement."""
+    from training.class_images import ClassImageConfig, ensure_class_images
+    from training.dataset import PrepareConfig, prepare_dataset
+    from training.models import load_model
+    from training.sampling import make_generator
+
+    dataset = work / "dataset"
+    prepare_dataset(ROOT / "training" / "sample_data" / "subject", dataset, PrepareConfig(resolution=resolution))
+    model = load_model(base)
+    report = ensure_class_images(make_generator(model), model.sha256, work / "class_images",
+                                 ClassImageConfig(num=num_class, resolution=resolution, steps=2, seed=0,
+                                                  prompt="a photo of a {class}"))
+    return dataset, report.folder
+
+
+def compare(title: str, base: str, resolution: int, steps: int, work: Path) -> None:
+    dataset, class_dir = setup(work, base, resolution, num_class=4)
+    ref = measure("reference_loop", base, dataset, class_dir, resolution, steps)
+    ours = measure("our_loop", base, dataset, class_dir, resolution, steps)
+    print(f"\n{title}: {steps} LoRA steps, prior preservation, {resolution} px")
+    print(f"{'':18}{'reference':>12}{'ours':>12}{'ratio':>10}")
+    ref_rate, our_rate = steps / ref["loop_s"], steps / ours["loop_s"]
+    print(f"{'steps/s':18}{ref_rate:12.2f}{our_rate:12.2f}{our_rate / ref_rate:9.2f}x")
+    print(f"{'whole run (s)':18}{ref['total_s']:12.2f}{ours['total_s']:12.2f}{ours['total_s'] / ref['total_s']:9.2f}x")
+    print(f"{'peak RSS (MB)':18}{ref['peak_rss_mb']:12.0f}{ours['peak_rss_mb']:12.0f}"
+          f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:9.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--memory", action="store_true", help="also compare peak RSS on the full-size SD1.5 layout")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        compare("tiny", "tiny", 64, args.steps, Path(tmp) / "tiny")
+        if args.memory:
+            import torch
+
+            from training.models import build_random, save_single_file
+
+            sd15 = save_single_file(build_random("sd15", seed=0), Path(tmp) / "sd15.safetensors", dtype=torch.float32)
+            compare("full-size SD1.5 layout (random weights)", str(sd15), 256, 3, Path(tmp) / "sd15")
+
+
+if __name__ == "__main__":
+    main()

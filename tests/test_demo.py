@@ -1,0 +1,122 @@
+"""The demo end to end on `tiny` (trimmed), and the `evaluate` / `demo` commands."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import OTHER_PEOPLE, ROOT, SUBJECT_PHOTOS
+from training.demo import DemoConfig, run_demo
+from training.errors import UserError
+from training.sampling import SEED_NEGATIVE, SEED_SCENES
+
+SCENES = list(SEED_SCENES)
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def linked_files(report_md):
+    """Every relative link target of a Markdown report, as paths."""
+    text = report_md.read_text(encoding="utf-8")
+    return [report_md.parent / target for target in re.findall(r"\]\(([^)]+)\)", text)]
+
+
+def test_demo_cli_quick_writes_a_report_of_the_three_scenes(tmp_path):
+    out = tmp_path / "demo"
+    run = cli("demo", "--quick", "--steps", 3, "--out", out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "random weights" in run.stdout and "--base path/to/v1-5-pruned-emaonly.safetensors" in run.stdout
+    assert f"report: {out / 'report.md'}" in run.stdout
+    assert "[3/7] train lora: train" in run.stderr  # progress shown, numbered by demo step
+    report = out / "report.md"
+    text = report.read_text(encoding="utf-8")
+    assert text.index("random weights") < text.index("## Subject photos")  # said at the top
+    assert "no face is expected" in text
+    for scene in SCENES:
+        assert f"## Scene: {scene}" in text
+        assert SEED_SCENES[scene].format(token="sks", **{"class": "man"}) in text
+    assert SEED_NEGATIVE in text
+    links = linked_files(report)
+    assert {p.name for p in links} >= {"contact_sheet.png", "loss.png", "grid.png", "chart.png",
+                                       "lora_r16_forest_0.png", "lora_r4_mountains_0.png", "base_desert_0.png"}
+    assert all(p.is_file() for p in links), [str(p) for p in links if not p.is_file()]
+
+
+def test_demo_compares_methods_and_ranks_and_reuses_finished_work(tmp_path):
+    cfg = DemoConfig(steps=4, class_images=2, sample_steps=3, face_detector="hog")
+    events = []
+    threads = torch.get_num_threads()
+    first = run_demo(tmp_path, config=cfg, progress=events.append)
+    assert torch.get_num_threads() == threads  # tiny runs single-threaded, then the setting is given back
+
+    prompts = json.loads((tmp_path / "images" / "prompts.json").read_text())
+    groups = {(e["method"], e["rank"]) for e in prompts.values()}
+    assert groups == {("base", None), ("lora", 16), ("lora", 4), ("dreambooth", None)}
+    assert sorted(prompts) == sorted(p.name for p in first.images) == sorted(
+        f"{g}_{s}_0.png" for g in ("base", "lora_r16", "lora_r4", "dreambooth") for s in SCENES)
+    # evaluate read method, rank and scene back from the files
+    assert {(r.method, r.rank, r.scene) for r in first.evaluation.images} == {
+        (m, r, s) for m, r in groups for s in SCENES}
+    assert all(r.face_found is False for r in first.evaluation.images)  # tiny draws noise
+    assert first.evaluation.references["faces_found"] >= 5  # ... but the photos have faces (hog misses one)
+    stages = [e.stage for e in events]
+    assert stages[0].startswith("[1/8] load base") and stages[-1].startswith("[8/8] report")
+    assert any(s.startswith("[4/8] train dreambooth: train") for s in stages)
+
+    text = first.report.read_text(encoding="utf-8")
+    assert "LoRA vs DreamBooth" in text and "resized from r16" in text
+    assert "| base | lora r16 | lora r4 | dreambooth |" in text  # scene columns in the order the models were made
+
+    class_images = sorted((tmp_path / "class_images").rglob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in class_images]
+    again = run_demo(tmp_path, config=cfg)
+    trained = [r for r in again.runs if r.resized_from is None]
+    assert [r.method for r in trained] == ["lora", "dreambooth"] and all(r.reused for r in trained)
+    assert [p.stat().st_mtime_ns for p in class_images] == stamps
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == sorted(prompts)
+
+    quick = run_demo(tmp_path, config=DemoConfig.quick(steps=4, class_images=2, sample_steps=3,
+                                                       face_detector="hog"))
+    assert not any(p.name.startswith("dreambooth") for p in (tmp_path / "images").iterdir())  # no stale pictures
+    assert len(quick.evaluation.images) == 9
+
+
+def test_demo_refuses_bad_settings(tmp_path):
+    with pytest.raises(UserError, match="steps"):
+        run_demo(tmp_path, steps=0)
+    with pytest.raises(UserError, match="is not a folder"):
+        run_demo(tmp_path, config=DemoConfig(photos=str(tmp_path / "missing")))
+
+
+def test_evaluate_cli_scores_a_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SUBJECT_PHOTOS / "input__foreground__03.jpg", images / "lora_r4_forest_0.jpg")
+    shutil.copy(OTHER_PEOPLE / "examples_obama2.jpg", images / "lora_r4_desert_0.jpg")
+    out = tmp_path / "scores"
+    run = cli("evaluate", "--images", images, "--references", SUBJECT_PHOTOS, "--out", out, "--face-detector", "hog")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "per method / rank / scene" in run.stdout and f"to {out}" in run.stdout
+    assert {"report.json", "table.txt", "grid.png"} <= {p.name for p in out.iterdir()}
+    scores = {r["scene"]: r for r in json.loads((out / "report.json").read_text())["images"]}
+    assert scores["forest"]["identity_match"] is True  # the subject's own photo
+    assert scores["desert"]["face_found"] is True and scores["desert"]["identity_match"] is False  # someone else
+    assert {r["method"] for r in scores.values()} == {"lora"} and {r["rank"] for r in scores.values()} == {4}
+
+
+@pytest.mark.parametrize("args, named", [
+    (["evaluate", "--images", "no/such/folder", "--references", SUBJECT_PHOTOS, "--out", "x"], "no/such/folder"),
+    (["demo", "--steps", "0", "--out", "unused"], "--steps 0"),
+])
+def test_cli_bad_input_is_one_line(args, named, tmp_path):
+    run = cli(*args)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
