@@ -43,9 +43,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.images) / "evaluation"
     bar = TqdmProgress()
-    report = run_evaluate(args.images, args.references, out, prompts_file=args.prompts, clip=args.clip,
-                          dino=args.dino, token=args.token, face_detector=args.face_detector, progress=bar)
-    bar.close()
+    try:  # an open bar would be redrawn after the error line
+        report = run_evaluate(args.images, args.references, out, prompts_file=args.prompts, clip=args.clip,
+                              dino=args.dino, token=args.token, face_detector=args.face_detector, progress=bar)
+    finally:
+        bar.close()
     print(report.table().rstrip())
     written = [name for name in OUTPUT_NAMES if (out / name).is_file()]
     print(f"wrote {', '.join(written)} to {out}")
@@ -61,8 +63,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.base == "tiny":
         print(f"note: {NOISE_NOTE}", flush=True)
     bar = TqdmProgress()
-    result = run_demo(args.out, config=config, progress=bar)
-    bar.close()
+    try:
+        result = run_demo(args.out, config=config, progress=bar)
+    finally:
+        bar.close()
     print(result.evaluation.table().rstrip())
     for run in result.runs:
         print(f"model: {run.path}" + (" (reused)" if run.reused else ""))

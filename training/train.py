@@ -75,6 +75,7 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
         progress(Progress("warning", 0, 0, {"note": warning}))
     instance, class_examples = _prepare_examples(cfg, model, resolution, accelerator, progress)
     if owned and cfg.method == "lora" and not cfg.validation_every and not cfg.train_text_encoder:
+        _ = model.sha256  # hash the base while all its weights are here: the output names the base by it
         _release(model.vae, model.text_encoder)  # latents and embeddings are cached; the output is the LoRA alone
     trainable = _setup_trainable(cfg, model)
     optimizer = _make_optimizer(cfg, trainable)
@@ -519,31 +520,41 @@ def _write_loss_log(run_dir: Path, losses: list[dict]) -> None:
         plot_loss(losses, run_dir / "loss.png")
 
 
-def plot_loss(losses: list[dict], path: Path) -> Path:
-    """Loss (and its moving average) and learning rate against step, as a PNG."""
-    import matplotlib
+def plot_loss(losses: list[dict], path: Path, size: tuple[int, int] = (640, 320)) -> Path:
+    """Loss (raw and a moving mean) and learning rate against step, as a PNG (PIL: no plotting library to load)."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .safe_io import atomic_path
+    from .safe_io import atomic_save_image
 
     steps = [r["step"] for r in losses]
     values = [r["loss"] for r in losses]
     window = max(1, len(values) // 20)
-    smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-              for i in range(len(values))]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
-    ax.plot(steps, smooth, color="#157", linewidth=1.6, label=f"mean of {window}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in losses], color="#c73", linewidth=1, label="lr")
-    ax2.set_ylabel("learning rate")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    mean = [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    lrs = [r["lr"] for r in losses]
+    width, height = size
+    left, right, top, bottom = 56, width - 56, 24, height - 30
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, right, bottom], outline="#888")
+
+    def scaler(lo: float, hi: float, a: float, b: float):
+        span = (hi - lo) or 1.0
+        return lambda v: a + (v - lo) / span * (b - a)
+
+    x = scaler(steps[0], steps[-1], left, right) if len(steps) > 1 else (lambda v: (left + right) / 2)
+    y = scaler(min(values), max(values), bottom, top)
+    y_lr = scaler(0.0, max(lrs) or 1.0, bottom, top)
+    for series, scale, colour, w in ((values, y, "#9ab", 1), (mean, y, "#157", 2), (lrs, y_lr, "#c73", 1)):
+        points = [(x(s), scale(v)) for s, v in zip(steps, series)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=w)
+        else:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+    draw.text((left, 4), f"loss (blue, mean of {window} dark)", fill="#157")
+    draw.text((right - 110, 4), "learning rate (orange)", fill="#c73")
+    draw.text((4, top), f"{max(values):.3g}", fill="#157")
+    draw.text((4, bottom - 10), f"{min(values):.3g}", fill="#157")
+    draw.text((right + 4, top), f"{max(lrs):.2g}", fill="#c73")
+    draw.text((left, bottom + 8), f"step {steps[0]}", fill="#444")
+    draw.text((right - 60, bottom + 8), f"step {steps[-1]}", fill="#444")
+    return atomic_save_image(image, path)

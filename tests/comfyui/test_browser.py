@@ -1,0 +1,297 @@
+"""The pack in the real ComfyUI frontend, in headless Chromium: the example workflows load
+and convert to their API twins, and the Train Subject chart draws progress events.
+
+Needs a `chromium` binary (Debian: apt-get install chromium) and websocket-client; without
+them every test here is skipped with one printed line. Chromium is driven over the
+DevTools protocol by tests/comfyui/cdp.py; one browser serves the whole module.
+"""
+
+import json
+import struct
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+
+try:
+    from cdp import Chromium, find_browser
+except ImportError as error:  # websocket-client missing
+    Chromium, find_browser, IMPORT_ERROR = None, None, f"{error.name} not installed (pip install -r requirements-dev.txt)"
+else:
+    IMPORT_ERROR = None
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(path.stem for path in (REPO_ROOT / "examples_workflows").glob("*.json"))
+EXTENSION = "dreambooth.subject.train"
+TRAIN_NODE = "DreamBoothTrainSubject"
+WIDGET = "dreambooth_training_chart"  # WIDGET_NAME in web/js/dreambooth_train.js
+PROGRESS_EVENT = "dreambooth.train.progress"
+FRONTEND_TIMEOUT_S = 60
+
+
+def missing_browser_reason() -> str | None:
+    if IMPORT_ERROR:
+        return IMPORT_ERROR
+    if not find_browser():
+        return "no chromium binary found (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def page(request):
+    reason = missing_browser_reason()
+    if reason:  # checked before the server starts: no browser, no wait
+        say_once(request.config, f"tests/comfyui/test_browser.py skipped: {reason}")
+        pytest.skip(reason)
+    comfy_server = request.getfixturevalue("comfy_server")
+    # A fresh user would get the template browser over the canvas; mark the tutorial as seen.
+    post_json(comfy_server.url + "/settings/Comfy.TutorialCompleted", True)
+    with Chromium(find_browser(), width=1400, height=1200) as browser:  # room for the whole node
+        tab = browser.page()
+        tab.navigate(comfy_server.url)
+        tab.wait_for(f"""window.comfyAPI?.app?.app?.graph
+                     && comfyAPI.app.app.extensions.some(e => e.name === "{EXTENSION}")
+                     && !!LiteGraph.registered_node_types["{TRAIN_NODE}"]""", timeout=FRONTEND_TIMEOUT_S)
+        # The frontend's own missing-node detection reports through this extension hook.
+        tab.evaluate("""(() => {
+            const app = comfyAPI.app.app;
+            window.app = app;
+            window.api = comfyAPI.api.api;
+            app.registerExtension({name: "pytest.probe", afterConfigureGraph(missing) {
+                window.pytestMissingNodeTypes = missing.map(m => typeof m === "string" ? m : m.type);
+            }});
+        })()""")
+        yield tab
+        tab.close()
+
+
+def say_once(config, line: str) -> None:
+    """A line on the terminal from inside a fixture, where pytest captures output."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
+def post_json(url: str, value) -> None:
+    request = urllib.request.Request(url, data=json.dumps(value).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def load_in_frontend(page, workflow: dict) -> dict:
+    """Loads a UI workflow with app.loadGraphData; returns what the frontend made of it."""
+    return page.evaluate(f"""(async () => {{
+        window.pytestMissingNodeTypes = null;
+        await app.loadGraphData({json.dumps(workflow)});
+        const graph = app.graph;
+        const links = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {{}});
+        const dangling = links.filter(l => {{
+            const origin = graph.getNodeById(l.origin_id), target = graph.getNodeById(l.target_id);
+            return !origin || !target || target.inputs?.[l.target_slot]?.link !== l.id
+                || !(origin.outputs?.[l.origin_slot]?.links ?? []).includes(l.id);
+        }}).map(l => l.id);
+        return {{
+            nodes: graph.nodes.length,
+            links: links.length,
+            unregistered: graph.nodes.filter(n => !(n.type in LiteGraph.registered_node_types)).map(n => n.type),
+            with_errors: graph.nodes.filter(n => n.has_errors).map(n => n.type),
+            missing: window.pytestMissingNodeTypes,
+            dangling,
+            prompt: (await app.graphToPrompt()).output,
+        }};
+    }})()""")
+
+
+def read_example(name: str, api: bool = False) -> dict:
+    folder = REPO_ROOT / "examples_workflows" / ("api" if api else "")
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_extension_loads_without_errors(page, comfy_server):
+    listed = comfy_server.get("/extensions")
+    assert "/extensions/comfyui-dreambooth-subject/js/dreambooth_train.js" in listed
+    assert page.evaluate(f'app.extensions.some(e => e.name === "{EXTENSION}")')
+    errors = [e for e in page.errors if "dreambooth" in e.lower()]
+    assert errors == []
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_loads_and_queues_its_api_twin(page, name):
+    workflow = read_example(name)
+    loaded = load_in_frontend(page, workflow)
+    assert loaded["missing"] == [], "the frontend reports missing node types"
+    assert loaded["unregistered"] == [] and loaded["with_errors"] == []
+    assert loaded["dangling"] == []
+    assert (loaded["nodes"], loaded["links"]) == (len(workflow["nodes"]), len(workflow["links"]))
+    twin = read_example(name, api=True)
+    prompt = loaded["prompt"]
+    assert sorted(prompt, key=int) == sorted(twin, key=int), "node ids in the frontend's prompt vs the twin"
+    differences = {node_id: {"frontend": prompt[node_id], "twin": twin[node_id]}
+                   for node_id in prompt if prompt[node_id] != twin[node_id]}
+    assert differences == {}, json.dumps(differences, indent=1)[:4000]
+
+
+# ------------------------------------------------------------------ live chart
+
+TOTAL = 200
+LAST_STEP = 120
+VALIDATION_STEP = 100
+SCENES = {"forest": (40, 110, 50), "desert": (215, 180, 110), "mountains": (90, 110, 160)}
+
+
+def progress(node_id: str, step: int, images=()) -> dict:
+    """A plausible event: noisy loss drifting down, lr with warmup then cosine decay."""
+    import math
+
+    warmup = 20
+    lr = 1e-4 * (step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (TOTAL - warmup))))
+    noise = (math.sin(step * 12.9898) * 43758.5453) % 1.0  # a fixed pseudo-random sequence in [0, 1)
+    loss = 0.08 + 0.1 * math.exp(-step / 60) + 0.05 * noise
+    return {"node": node_id, "step": step, "total": TOTAL, "loss": loss, "lr": lr, "it_per_s": 3.4,
+            "eta_s": (TOTAL - step) / 3.4, "images": list(images)}
+
+
+def write_png(path: Path, rgb, size=(64, 64)) -> None:
+    """A flat-color PNG, without an imaging library."""
+    width, height = size
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def dispatch(page, events: list[dict]) -> None:
+    """Delivers events as if the server had sent them: a message on the frontend's own websocket,
+    {"type", "data"} as PromptServer.send_sync writes it, then waits for the chart's next frame."""
+    page.evaluate(f"""(async () => {{
+        for (const data of {json.dumps(events)}) {{
+            const message = JSON.stringify({{type: "{PROGRESS_EVENT}", data}});
+            api.socket.dispatchEvent(new MessageEvent("message", {{data: message}}));
+        }}
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+    }})()""")
+
+
+@pytest.fixture(scope="module")
+def train_node(page, comfy_server):
+    """A fresh graph with one Train Subject node at scale 1, fed LAST_STEP progress events."""
+    folder = comfy_server.base_dir / "output" / "dreambooth" / "runs" / "pytest" / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for scene, rgb in SCENES.items():
+        write_png(folder / f"step{VALIDATION_STEP}_{scene}.png", rgb)
+        images.append({"filename": f"step{VALIDATION_STEP}_{scene}.png",
+                       "subfolder": "dreambooth/runs/pytest/validation", "type": "output"})
+    node_id = page.evaluate(f"""(async () => {{
+        await app.loadGraphData({{last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                  config: {{}}, extra: {{ds: {{offset: [0, 0], scale: 1}}}}, version: 0.4}});
+        const node = LiteGraph.createNode("{TRAIN_NODE}");
+        node.pos = [100, 140];  // clear of the tab bar and the side bar
+        app.graph.add(node);
+        node.setSize([460, node.computeSize()[1]]);
+        app.canvas.setDirty(true, true);
+        return String(node.id);
+    }})()""")
+    events = [progress(node_id, step, images if step == VALIDATION_STEP else ())
+              for step in range(1, LAST_STEP + 1)]
+    dispatch(page, events)
+    page.wait_for(f"""(() => {{
+        const imgs = [...app.graph.getNodeById({node_id}).widgets.find(w => w.name === "{WIDGET}")
+                      .element.querySelectorAll("img")];
+        return imgs.length > 0 && imgs.every(i => i.complete);
+    }})()""", timeout=20)
+    page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    return node_id
+
+
+def chart_state(page, node_id: str) -> dict:
+    return page.evaluate(f"""(async () => {{
+        const chart = await import(new URL("/extensions/comfyui-dreambooth-subject/js/loss_chart.js", location.href));
+        const node = app.graph.getNodeById({node_id});
+        const widget = node.widgets.find(w => w.name === "{WIDGET}");
+        const canvas = widget.element.querySelector("canvas");
+        const dpr = window.devicePixelRatio || 1;
+        const area = chart.plotArea(canvas.clientWidth, canvas.clientHeight);
+        const ctx = canvas.getContext("2d");
+        const pixels = ctx.getImageData(Math.round(area.x * dpr) + 2, Math.round(area.y * dpr) + 2,
+                                        Math.round(area.width * dpr) - 4, Math.round(area.height * dpr) - 4).data;
+        const background = ctx.getImageData(1, 1, 1, 1).data;  // the chart's corner: background only
+        const hex = c => [1, 3, 5].map(i => parseInt(c.slice(i, i + 2), 16));
+        const near = (i, rgb) => Math.abs(pixels[i] - rgb[0]) + Math.abs(pixels[i + 1] - rgb[1])
+                                 + Math.abs(pixels[i + 2] - rgb[2]) < 60;
+        const counts = {{drawn: 0, average: 0, lr: 0}};
+        for (let i = 0; i < pixels.length; i += 4) {{
+            if (!near(i, background)) counts.drawn++;
+            if (near(i, hex(chart.COLORS.average))) counts.average++;
+            if (near(i, hex(chart.COLORS.lr))) counts.lr++;
+        }}
+        const rect = widget.element.getBoundingClientRect();
+        const title = LiteGraph.NODE_TITLE_HEIGHT, s = app.canvas.ds.scale, o = app.canvas.ds.offset;
+        const canvasRect = app.canvasEl.getBoundingClientRect();
+        const {{prompt, workflowNode}} = await app.graphToPrompt().then(p => ({{
+            prompt: p.output[{node_id}], workflowNode: p.workflow.nodes.find(n => String(n.id) === "{node_id}")}}));
+        return {{
+            counts,
+            plotPixels: pixels.length / 4,
+            text: widget.element.textContent,
+            images: [...widget.element.querySelectorAll("img")].map(i => ({{src: i.getAttribute("src"), width: i.naturalWidth}})),
+            visible: document.body.contains(widget.element) && rect.width > 100 && rect.height > 100,
+            promptInputs: Object.keys(prompt.inputs),
+            widgetsValues: workflowNode.widgets_values.length,
+            nodeClip: {{x: Math.max(0, canvasRect.left + (node.pos[0] + o[0]) * s - 10),
+                        y: Math.max(0, canvasRect.top + (node.pos[1] - title + o[1]) * s - 10),
+                        width: node.size[0] * s + 20, height: (node.size[1] + title) * s + 20}},
+        }};
+    }})()""")
+
+
+def test_chart_draws_progress_events(page, train_node, tmp_path_factory):
+    state = chart_state(page, train_node)
+    shots = tmp_path_factory.mktemp("browser")
+    page.screenshot(shots / "train_node.png", clip=state["nodeClip"])
+    page.screenshot(shots / "page.png")
+    assert state["visible"], "the chart widget is not on screen"
+    counts, area = state["counts"], state["plotPixels"]
+    assert counts["drawn"] > 0.01 * area, f"plot area nearly empty: {counts} of {area} px (see {shots})"
+    assert counts["average"] > 100 and counts["lr"] > 100, f"a line is missing: {counts} (see {shots})"
+    assert f"step {LAST_STEP} / {TOTAL}" in state["text"]
+    assert "3.4 it/s" in state["text"] and "ETA" in state["text"]
+    assert f"validation images, step {VALIDATION_STEP}" in state["text"]
+    assert len(state["images"]) == len(SCENES)
+    assert all(image["width"] == 64 for image in state["images"]), state["images"]  # served by /view
+
+
+def test_chart_widget_stays_out_of_prompt_and_workflow(page, train_node, comfy_server):
+    state = chart_state(page, train_node)
+    assert WIDGET not in state["promptInputs"]
+    info = comfy_server.get("/object_info")[TRAIN_NODE]["input"]
+    declared = {**info["required"], **info.get("optional", {})}
+    links = {"SUBJECT_DATASET", "CLASS_IMAGES"}  # this node's socket-only inputs
+    widget_inputs = [name for name, spec in declared.items() if not (isinstance(spec[0], str) and spec[0] in links)]
+    assert state["widgetsValues"] == len(widget_inputs)
+
+
+def test_chart_restarts_when_a_run_resumes(page, train_node):
+    dispatch(page, [progress(train_node, 50), progress(train_node, 51)])
+    state = chart_state(page, train_node)
+    assert f"step 51 / {TOTAL}" in state["text"]
+    assert state["images"] == [], "images of the previous run are still shown"
+    series = page.evaluate(f"app.graph.getNodeById({train_node}).dreamboothTraining.series.steps")
+    assert series == [50, 51]
+
+
+def test_events_for_other_nodes_are_ignored(page, train_node):
+    before = page.evaluate(f"app.graph.getNodeById({train_node}).dreamboothTraining.series.steps.length")
+    dispatch(page, [progress("999", 1), progress("77:5", 2), {"step": 3}])
+    after = page.evaluate(f"app.graph.getNodeById({train_node}).dreamboothTraining.series.steps.length")
+    assert after == before
+    assert [e for e in page.errors if "dreambooth" in e.lower()] == []

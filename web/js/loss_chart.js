@@ -1,0 +1,211 @@
+// Draws a TrainingSeries (train_progress.js) on a <canvas>: raw loss, its trailing mean
+// (left axis) and the learning rate (right axis) against step. Plain canvas 2D, no chart
+// library: the pack has no build step and the frontend ships none we may rely on.
+
+import { AVERAGE_WINDOW } from "./train_progress.js";
+
+export const COLORS = {
+  loss: "#4f8fd6",
+  average: "#ff9f40",
+  lr: "#5fd068",
+};
+
+// Room around the plot for the axis labels (CSS pixels).
+const MARGIN = { left: 46, right: 52, top: 22, bottom: 20 };
+const FONT = "11px sans-serif";
+
+/** The plot rectangle inside a chart of width x height CSS pixels. */
+export function plotArea(width, height) {
+  return {
+    x: MARGIN.left,
+    y: MARGIN.top,
+    width: Math.max(1, width - MARGIN.left - MARGIN.right),
+    height: Math.max(1, height - MARGIN.top - MARGIN.bottom),
+  };
+}
+
+/** Redraws the whole chart; the canvas backing store follows its CSS size and the device pixel ratio. */
+export function drawChart(canvas, series) {
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  if (!width || !height) return; // not laid out (node collapsed or off screen)
+  const dpr = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(width * dpr) || canvas.height !== Math.round(height * dpr)) {
+    canvas.width = Math.round(width * dpr);
+    canvas.height = Math.round(height * dpr);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const theme = readTheme(canvas);
+  ctx.fillStyle = theme.background;
+  ctx.fillRect(0, 0, width, height);
+  ctx.font = FONT;
+
+  if (series.isEmpty) {
+    ctx.fillStyle = theme.muted;
+    ctx.textAlign = "center";
+    ctx.textBaseline = "middle";
+    ctx.fillText("No training steps yet", width / 2, height / 2);
+    return;
+  }
+
+  const area = plotArea(width, height);
+  const first = series.steps[0];
+  const last = series.steps[series.steps.length - 1];
+  // The x axis spans the whole run, so the drawn width shows how far training has come.
+  const xRange = { min: first, max: Math.max(series.total, last, first + 1) };
+  const lossRange = paddedRange(series.loss.concat(series.average));
+  const lrRange = { min: 0, max: (finiteMax(series.lr) || 1) * 1.1 }; // from 0: warmup and decay read as such
+  const x = (step) => area.x + ((step - xRange.min) / (xRange.max - xRange.min)) * area.width;
+  const yLoss = (v) => area.y + area.height - ((v - lossRange.min) / (lossRange.max - lossRange.min)) * area.height;
+  const yLr = (v) => area.y + area.height - ((v - lrRange.min) / (lrRange.max - lrRange.min)) * area.height;
+
+  drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss, yLr);
+
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(area.x, area.y, area.width, area.height);
+  ctx.clip();
+  drawLine(ctx, series.steps, series.lr, x, yLr, { color: COLORS.lr, width: 1.5, dash: [5, 3] });
+  drawLine(ctx, series.steps, series.loss, x, yLoss, { color: COLORS.loss, width: 1, alpha: 0.55 });
+  drawLine(ctx, series.steps, series.average, x, yLoss, { color: COLORS.average, width: 2 });
+  ctx.restore();
+
+  drawLegend(ctx, area, theme);
+}
+
+function drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss, yLr) {
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = theme.grid;
+  ctx.fillStyle = theme.muted;
+
+  // Loss ticks on the left, at round values; grid lines follow them.
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (const v of niceTicks(lossRange.min, lossRange.max, 4)) {
+    const y = Math.round(yLoss(v)) + 0.5;
+    line(ctx, area.x, y, area.x + area.width, y);
+    ctx.fillText(formatTick(v), area.x - 4, y);
+  }
+  // Learning-rate ticks on the right, in the rate's own color so the two axes are not confused.
+  ctx.textAlign = "left";
+  ctx.fillStyle = COLORS.lr;
+  for (const v of niceTicks(lrRange.min, lrRange.max, 4)) {
+    ctx.fillText(v === 0 ? "0" : v.toExponential(0), area.x + area.width + 4, yLr(v));
+  }
+  // Step ticks along the bottom.
+  ctx.fillStyle = theme.muted;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  for (const v of niceTicks(xRange.min, xRange.max, 5).filter(Number.isInteger)) {
+    ctx.fillText(String(v), x(v), area.y + area.height + 4);
+  }
+  ctx.textAlign = "right";
+  ctx.fillText("step", area.x - 4, area.y + area.height + 4);
+
+  ctx.strokeStyle = theme.axis;
+  ctx.strokeRect(area.x + 0.5, area.y + 0.5, area.width - 1, area.height - 1);
+}
+
+function drawLegend(ctx, area, theme) {
+  const items = [
+    [COLORS.loss, "loss"],
+    [COLORS.average, `mean of ${AVERAGE_WINDOW}`],
+    [COLORS.lr, "learning rate (right)"],
+  ];
+  ctx.textAlign = "left";
+  ctx.textBaseline = "middle";
+  let left = area.x;
+  const y = area.y / 2;
+  for (const [color, label] of items) {
+    ctx.fillStyle = color;
+    ctx.fillRect(left, y - 1.5, 12, 3);
+    ctx.fillStyle = theme.text;
+    ctx.fillText(label, left + 16, y);
+    left += 16 + ctx.measureText(label).width + 12;
+  }
+}
+
+/** A polyline through the finite points; a gap where a value is missing. */
+function drawLine(ctx, steps, values, x, y, { color, width, alpha = 1, dash = [] }) {
+  ctx.save();
+  ctx.strokeStyle = color;
+  ctx.lineWidth = width;
+  ctx.globalAlpha = alpha;
+  ctx.setLineDash(dash);
+  ctx.beginPath();
+  let drawing = false;
+  for (let i = 0; i < steps.length; i++) {
+    if (!Number.isFinite(values[i])) {
+      drawing = false;
+      continue;
+    }
+    const px = x(steps[i]);
+    const py = y(values[i]);
+    if (drawing) ctx.lineTo(px, py);
+    else ctx.moveTo(px, py);
+    drawing = true;
+  }
+  // A lone first point would be invisible as a path; mark it.
+  if (steps.length === 1 && Number.isFinite(values[0])) ctx.arc(x(steps[0]), y(values[0]), width + 1, 0, 2 * Math.PI);
+  ctx.stroke();
+  ctx.restore();
+}
+
+function line(ctx, x0, y0, x1, y1) {
+  ctx.beginPath();
+  ctx.moveTo(x0, y0);
+  ctx.lineTo(x1, y1);
+  ctx.stroke();
+}
+
+function paddedRange(values) {
+  const finite = values.filter(Number.isFinite);
+  if (!finite.length) return { min: 0, max: 1 };
+  let min = Math.min(...finite);
+  let max = Math.max(...finite);
+  if (min === max) {
+    const pad = Math.abs(min) * 0.1 || 0.5;
+    return { min: min - pad, max: max + pad };
+  }
+  const pad = (max - min) * 0.05;
+  return { min: min - pad, max: max + pad };
+}
+
+function finiteMax(values) {
+  let max = NaN;
+  for (const v of values) if (Number.isFinite(v) && !(v <= max)) max = v;
+  return max;
+}
+
+/** About `count` round values (1, 2 or 5 times a power of ten) inside [min, max]. */
+function niceTicks(min, max, count) {
+  const raw = (max - min) / count;
+  if (!(raw > 0)) return [min];
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  const ticks = [];
+  for (let v = Math.ceil(min / step) * step; v <= max + step * 1e-9; v += step) {
+    ticks.push(Number(v.toPrecision(12))); // drop float noise such as 0.30000000000000004
+  }
+  return ticks;
+}
+
+function formatTick(v) {
+  if (v === 0) return "0";
+  const abs = Math.abs(v);
+  return abs >= 1000 || abs < 0.001 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
+}
+
+/** Colors from the frontend's current palette (CSS variables), with dark-theme fallbacks. */
+function readTheme(element) {
+  const style = getComputedStyle(element);
+  const read = (name, fallback) => style.getPropertyValue(name).trim() || fallback;
+  return {
+    background: read("--comfy-input-bg", "#222"),
+    text: read("--input-text", "#ddd"),
+    muted: read("--descrip-text", "#999"),
+    axis: read("--border-color", "#4e4e4e"),
+    grid: "rgba(128, 128, 128, 0.25)",
+  };
+}
