@@ -10,8 +10,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SUBJECT_PHOTOS = ROOT / "training" / "sample_data" / "subject"
-OTHER_PEOPLE = ROOT / "tests" / "fixtures" / "other_people"
 
 
 class _NoNetwork(socket.socket):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import OTHER_PEOPLE, ROOT, SUBJECT_PHOTOS
+from fixture_paths import OTHER_PEOPLE, ROOT, SUBJECT_PHOTOS
 from training.demo import DemoConfig, run_demo
 from training.errors import UserError
 from training.sampling import SEED_NEGATIVE, SEED_SCENES

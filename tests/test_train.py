@@ -169,6 +169,25 @@ def test_same_config_again_is_reused_and_another_is_refused(dataset, class_dir, 
         train(config(dataset, class_dir, out, steps=3))
 
 
+def test_a_second_run_in_one_process_may_use_another_precision(dataset, tmp_path):
+    """A host process (ComfyUI) trains many times; accelerate's per-process state must not stick."""
+    base = dict(instance_dir=str(dataset), steps=1, rank=4, prior_preservation=False, save_every=0)
+    train(TrainConfig(output=str(tmp_path / "a.safetensors"), mixed_precision="no", **base))
+    second = train(TrainConfig(output=str(tmp_path / "b.safetensors"), mixed_precision="bf16", **base))
+    assert second.output.exists()
+
+
+def test_overwrite_replaces_another_configs_run_and_checkpoints_go_once_done(dataset, class_dir, tmp_path):
+    out = tmp_path / "over.safetensors"
+    first = train(config(dataset, class_dir, out, steps=4, save_every=2))
+    assert list_checkpoints(first.run_dir) == []  # the output supersedes them
+    cancelled = train(config(dataset, class_dir, tmp_path / "c.safetensors", steps=4, save_every=1),
+                      should_cancel=lambda: True if list_checkpoints(tmp_path / "c.safetensors.run") else False)
+    assert cancelled.cancelled and list_checkpoints(cancelled.run_dir)
+    replaced = train(config(dataset, class_dir, tmp_path / "c.safetensors", steps=5, lr=5e-4, overwrite=True))
+    assert replaced.output.exists() and replaced.steps_done == 5
+
+
 BAD_FIELDS = {
     "method": dict(method="textual_inversion"),
     "steps": dict(steps=0),

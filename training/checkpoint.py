@@ -58,6 +58,11 @@ def save_checkpoint(run_dir: Path, state: TrainState) -> Path:
     return path
 
 
+def remove_checkpoints(run_dir: Path) -> None:
+    for path in list_checkpoints(run_dir):
+        path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path) -> TrainState:
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import lora_format
 from .errors import UserError
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -26,11 +25,15 @@ def _check_out(source: str | None, out: str) -> Path:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from . import lora_format  # torch loads here, not when the CLI starts
+
     print(lora_format.lora_info(args.file))
     return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    from . import lora_format  # torch loads here, not when the CLI starts
+
     from .cli import TqdmProgress
 
     out = _check_out(args.file, args.out)
@@ -47,6 +50,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from . import lora_format  # torch loads here, not when the CLI starts
+
     from .cli import TqdmProgress
     from .models import file_sha256
 
@@ -68,6 +73,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from . import lora_format  # torch loads here, not when the CLI starts
+
     out = _check_out(args.file, args.out)
     lora = lora_format.read_lora(args.file)
     lora_format.write_kohya(lora, out, dtype=_dtype(args.dtype))

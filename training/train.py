@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +59,17 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
           model: SDModel | None = None) -> TrainResult:
     """Train, resume or reuse, as the config says. Writes only to cfg.output and cfg.run_path."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cfg.validate()
     fingerprint = inputs_fingerprint(cfg)
     existing = _finished_output(cfg, fingerprint)
     if existing is not None:
         return existing
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one state per process and refuses a second run with another precision;
+        # a host like ComfyUI trains many times in one process
+        AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` that gives gloo DDP over CPU processes
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               cpu=not torch.cuda.is_available())
@@ -145,6 +151,7 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
     output = None
     if accelerator.is_main_process:
         output = _write_output(cfg, model, accelerator.unwrap_model(unet), losses, fingerprint)
+        ckpt.remove_checkpoints(cfg.run_path)  # the output supersedes them (a DreamBooth one is GBs)
     accelerator.wait_for_everyone()
     return TrainResult(output, step, losses[-1]["loss"] if losses else None, run_dir=cfg.run_path, losses=losses)
 
@@ -212,6 +219,9 @@ def _resume_state(cfg: TrainConfig, fingerprint: str) -> ckpt.TrainState | None:
     if not found or not cfg.resume:
         return None
     state = ckpt.load_checkpoint(found[-1])
+    if state.fingerprint != fingerprint and cfg.overwrite:
+        ckpt.remove_checkpoints(cfg.run_path)  # another config's run, replaced as asked
+        return None
     if state.fingerprint != fingerprint:
         raise UserError(f"{cfg.run_path} holds checkpoints of a different training config; "
                         "choose another output name, or delete that folder to start over.")

@@ -23,7 +23,8 @@ TARGETS = {
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DEFAULTS = {"lora": {"steps": 800, "lr": 1e-4}, "dreambooth": {"steps": 400, "lr": 2e-6}}
 # Fields that change the result; the rest (where files go, how often to report) do not.
-NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "resume", "overwrite", "class_dir"}
+NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "validation_prompts", "validation_negative",
+                 "resume", "overwrite", "class_dir", "gradient_checkpointing"}
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Prepare Subject Dataset: a photo folder (or an IMAGE batch) -> crops, captions, a report."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .host import (CATEGORY, NodeError, HostProgress, fit_same_size, folder_signature, image_hash, input_folder,
+                   output_folder, pils_to_tensor, short_hash, slug, tensor_to_pils, user_errors)
+
+SUBJECT_DATASET = "SUBJECT_DATASET"
+
+
+def subject_dataset(folder: Path, token: str, class_word: str, resolution: int) -> dict:
+    """What flows along a SUBJECT_DATASET link: the prepared folder and what it was made with."""
+    text = (folder / "dataset.json").read_bytes()
+    return {"folder": str(folder), "token": token, "class_word": class_word, "resolution": resolution,
+            "hash": hashlib.sha256(text).hexdigest()[:16]}
+
+
+def dataset_crops(dataset: dict, limit: int | None = None) -> list:
+    """The prepared crops (not their mirror copies) as PIL images."""
+    from PIL import Image
+
+    from ..training.dataset import load_dataset
+
+    with user_errors():
+        items = [item for item in load_dataset(dataset["folder"]).items if not item.flipped]
+    crops = []
+    for item in items[:limit]:
+        with Image.open(item.image) as im:
+            crops.append(im.convert("RGB"))
+    return crops
+
+
+class PrepareSubjectDataset:
+    DESCRIPTION = ("Crops the subject's photos to squares (around the face, the centre, or padded), writes a caption "
+                   "with the trigger token for each, and reports what it did. Prepared datasets are kept under "
+                   "output/dreambooth/datasets/ and reused while the photos and settings stay the same.")
+    CATEGORY = CATEGORY
+    FUNCTION = "prepare"
+    RETURN_TYPES = (SUBJECT_DATASET, "IMAGE", "STRING")
+    RETURN_NAMES = ("dataset", "crops", "report")
+    OUTPUT_TOOLTIPS = ("The prepared dataset, for Train Subject, Subject Fidelity and Class Images.",
+                       "The crops as they will be trained on (connect a Preview Image to check them).",
+                       "What was kept, skipped, upscaled or cropped without a face.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "subject", "tooltip":
+                           "The folder of the subject's photos (about 15): relative to ComfyUI's input/ folder, "
+                           "or an absolute path. Ignored when images are connected. A .txt file beside a photo is "
+                           "its caption."}),
+                "token": ("STRING", {"default": "sks", "tooltip":
+                          "The rare word that will name the subject in prompts, e.g. 'sks'."}),
+                "class_word": ("STRING", {"default": "man", "tooltip":
+                               "What the subject is: 'man', 'woman', 'dog'... Captions read 'a photo of sks man'."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":
+                               "Side of the square crops in pixels; 512 for Stable Diffusion 1.5."}),
+                "crop": (["face", "center", "pad"], {"default": "face", "tooltip":
+                         "face: head and shoulders around the largest face (center crop when none is found); "
+                         "center: the middle square; pad: the whole photo on a white square."}),
+                "flip": ("BOOLEAN", {"default": False, "tooltip":
+                         "Also train on mirrored copies. Leave off for asymmetric subjects (text, a parting)."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip":
+                           "Photos as an image batch instead of a folder (e.g. from Load Image)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder="", **_):
+        try:  # a changed photo folder must run the node again; connected images are tracked by ComfyUI
+            return folder_signature(input_folder(folder))
+        except Exception:  # noqa: BLE001 - a bad folder is reported when the node runs
+            return float("nan")
+
+    def prepare(self, folder, token, class_word, resolution, crop, flip, images=None, unique_id=None):
+        from ..training.dataset import PrepareConfig, prepare_dataset, prepare_from_images
+
+        cfg = PrepareConfig(token=token.strip(), class_word=class_word.strip(), resolution=resolution,
+                            crop=crop, flip=flip)
+        settings = (cfg.token, cfg.class_word, resolution, crop, flip)
+        progress = HostProgress(unique_id)
+        with user_errors():
+            cfg.validate()
+            if images is not None:
+                out = output_folder("datasets", f"images_{short_hash(image_hash(images), settings)}")
+                report = prepare_from_images(tensor_to_pils(images), out, cfg, progress)
+            else:
+                if not str(folder).strip():
+                    raise NodeError("folder is empty; give the folder of the subject's photos "
+                                    "(relative to ComfyUI's input/ folder) or connect images.")
+                source = input_folder(folder)
+                out = output_folder("datasets", f"{slug(source.name, 'photos')}_{short_hash(str(source), settings)}")
+                report = prepare_dataset(source, out, cfg, progress)
+        dataset = subject_dataset(out, cfg.token, cfg.class_word, resolution)
+        crops = fit_same_size(dataset_crops(dataset))
+        return (dataset, pils_to_tensor(crops), report.text())
