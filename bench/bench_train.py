@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Both loops get the same thread count; one thread keeps the ratio stable when other work shares
+# the cores (two OpenMP threads on two busy cores can run 10x slower).
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,7 +104,8 @@ def our_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: 
 
 def measure(kind: str, base: str, dataset: Path, class_dir: Path, resolution: int, steps: int) -> dict:
     """Run one loop in a fresh process; return its times and peak RSS."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path;"
+    code = (f"import json, resource, sys, torch; torch.set_num_threads({THREADS}); sys.path.insert(0, {str(ROOT)!r});"
+            f"from pathlib import Path;"
             f"import bench.bench_train as b;"
             f"r = b.{kind}({base!r}, Path({str(dataset)!r}), Path({str(class_dir)!r}), {resolution}, {steps}"
             + (f", Path({str(dataset.parent / 'ours.safetensors')!r}))" if kind == "our_loop" else ")")
@@ -132,7 +136,7 @@ def compare(title: str, base: str, resolution: int, steps: int, work: Path) -> N
     dataset, class_dir = setup(work, base, resolution, num_class=4)
     ref = measure("reference_loop", base, dataset, class_dir, resolution, steps)
     ours = measure("our_loop", base, dataset, class_dir, resolution, steps)
-    print(f"\n{title}: {steps} LoRA steps, prior preservation, {resolution} px")
+    print(f"\n{title}: {steps} LoRA steps, prior preservation, {resolution} px, {THREADS} thread(s)")
     print(f"{'':18}{'reference':>12}{'ours':>12}{'ratio':>10}")
     ref_rate, our_rate = steps / ref["loop_s"], steps / ours["loop_s"]
     print(f"{'steps/s':18}{ref_rate:12.2f}{our_rate:12.2f}{our_rate / ref_rate:9.2f}x")

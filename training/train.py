@@ -421,7 +421,7 @@ def _make_optimizer(cfg: TrainConfig, trainable: Trainable) -> torch.optim.Optim
         except ImportError:
             raise UserError("optimizer 'prodigy' needs prodigyopt; pip install prodigyopt, or choose 'adamw'.") from None
         return Prodigy(groups, weight_decay=1e-2)
-    return torch.optim.AdamW(groups, weight_decay=1e-2)
+    return torch.optim.AdamW(groups, weight_decay=1e-2, fused=True)  # one kernel for all params: ~10% a LoRA step
 
 
 def _make_lr_scheduler(cfg: TrainConfig, optimizer):
