@@ -14,8 +14,6 @@ from typing import Any, Iterable, Iterator
 CATEGORY = "DreamBooth"
 PACK_FOLDER = "dreambooth"  # our subfolder of ComfyUI's output/ folder
 NONE_CHOICE = "(none)"
-WINDOWS_INVALID = set('<>:"/\\|?*')
-WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
 # ---------------------------------------------------------------- errors
@@ -42,18 +40,17 @@ def user_errors() -> Iterator[None]:
 def check_output_name(name: str) -> str:
     """A file stem the user typed, checked: no folders, no `..`, nothing Windows cannot store.
     Returns the stem (a trailing .safetensors is dropped); raises NodeError with the reason."""
+    from ..training.safe_io import file_name_problem
+
     stem = str(name).strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
-    if not stem:
-        raise NodeError("output_name is empty; give a file name such as 'subject_lora'.")
-    bad = sorted(set(stem) & WINDOWS_INVALID) + (["a control character"] if any(ord(c) < 32 for c in stem) else [])
-    if bad or stem.startswith((".", " ")) or stem.endswith((".", " ")) or ".." in stem:
-        shown = " ".join(bad) or "a leading or trailing dot or space"
-        raise NodeError(f"output_name '{name}' has {shown}; give a plain file name (letters, digits, - and _), "
-                        "no folders, no '..'.")
-    if stem.split(".")[0].upper() in WINDOWS_RESERVED:
-        raise NodeError(f"output_name '{name}' is a reserved device name on Windows; choose another name.")
+    problem = file_name_problem(stem)
+    if problem is None and (stem.startswith(".") or ".." in stem):
+        problem = "starts with a dot or holds '..'"
+    if problem:
+        raise NodeError(f"output_name {stem[:60]!r} {problem}; give a plain file name such as 'subject_lora' "
+                        "(letters, digits, - and _; no folders).")
     return stem
 
 

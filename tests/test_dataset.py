@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from training import dataset
 from training.dataset import (Box, PrepareConfig, caption_for, center_crop_box, face_crop_box, load_dataset,

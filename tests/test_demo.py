@@ -11,7 +11,7 @@ import torch
 from fixture_paths import OTHER_PEOPLE, ROOT, SUBJECT_PHOTOS
 from training.demo import DemoConfig, run_demo
 from training.errors import UserError
-from training.sampling import SEED_NEGATIVE, SEED_SCENES
+from training.prompts import SEED_NEGATIVE, SEED_SCENES
 
 SCENES = list(SEED_SCENES)
 

@@ -73,7 +73,7 @@ def test_fp16_save_halves_the_file(tiny, tmp_path):
 
 
 def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
-    import training.safe_io as safe_io
+
 
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"previous")

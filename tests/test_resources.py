@@ -9,7 +9,6 @@ from training.checkpoint import list_checkpoints
 from training.dataset import PrepareConfig, prepare_dataset
 from training.errors import UserError
 from training.models import build_tiny
-from training.progress import Progress
 from training.resources import estimate_memory, memory_warning
 from training.train import train
 from training.train_config import TrainConfig

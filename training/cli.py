@@ -17,9 +17,12 @@ from .progress import Progress
 class TqdmProgress:
     """Renders `Progress` events as one tqdm bar per stage, on stderr."""
 
+    open_renderers: list["TqdmProgress"] = []  # closed by `main` before it prints an error
+
     def __init__(self) -> None:
         self._bar = None
         self._stage = None
+        TqdmProgress.open_renderers.append(self)
 
     def __call__(self, event: Progress) -> None:
         from tqdm import tqdm
@@ -103,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
+        _close_progress()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _close_progress()
         print("error: interrupted; run the same command again to resume where it stopped.", file=sys.stderr)
         return 130
+
+
+def _close_progress() -> None:
+    """An open bar would be drawn again after the error line; close them so the error is the last line."""
+    for renderer in TqdmProgress.open_renderers:
+        renderer.close()

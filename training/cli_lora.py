@@ -15,12 +15,14 @@ def _dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
-def _check_out(source: str | None, out: str) -> Path:
+def _check_out(source: str | None, out: str, overwrite: bool = False) -> Path:
     path = Path(out)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"--out {out} must end in .safetensors; LoRAs are only written as safetensors.")
     if source is not None and Path(source).resolve() == path.resolve():
         raise UserError(f"--out {out} is the input file; give a new file name so the original stays intact.")
+    if path.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; give a new file name, or add --overwrite to replace it.")
     return path
 
 
@@ -36,7 +38,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     from .cli import TqdmProgress
 
-    out = _check_out(args.file, args.out)
+    out = _check_out(args.file, args.out, args.overwrite)
     lora = lora_format.read_lora(args.file)
     bar = TqdmProgress()
     small, report = lora_format.resize(lora, rank=args.rank, keep_energy=args.keep_energy, progress=bar)
@@ -55,7 +57,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .cli import TqdmProgress
     from .models import file_sha256
 
-    out = _check_out(None, args.out)
+    out = _check_out(None, args.out, args.overwrite)
     bar = TqdmProgress()
     lora, report = lora_format.extract(args.base, args.tuned, rank=args.rank, keep_energy=args.keep_energy,
                                        text_encoder=args.text_encoder, min_diff=args.min_diff, progress=bar)
@@ -75,7 +77,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import lora_format  # torch loads here, not when the CLI starts
 
-    out = _check_out(args.file, args.out)
+    out = _check_out(args.file, args.out, args.overwrite)
     lora = lora_format.read_lora(args.file)
     lora_format.write_kohya(lora, out, dtype=_dtype(args.dtype))
     print(f"{args.file}: {lora.source_format}, {len(lora.layers)} layers -> kohya")
@@ -100,6 +102,7 @@ def add_lora_commands(sub) -> None:
     p.add_argument("file")
     _add_targets(p)
     p.add_argument("--out", required=True, help="the new .safetensors file (kohya format)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_resize)
 
     p = commands.add_parser("extract", help="a LoRA from a DreamBooth model and its base")
@@ -109,11 +112,13 @@ def add_lora_commands(sub) -> None:
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoder's layers")
     p.add_argument("--min-diff", type=float, default=0.0, help="leave out layers whose largest change is at most this")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_extract)
 
     p = commands.add_parser("convert", help="any readable LoRA format -> kohya")
     p.add_argument("file")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
     p.set_defaults(func=cmd_convert)
 

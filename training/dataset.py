@@ -82,21 +82,22 @@ class PrepareConfig:
             raise UserError(f"repeats must be a whole number of at least 1, got {self.repeats!r}.")
         if not isinstance(self.caption_template, str) or "{token}" not in self.caption_template:
             raise UserError(f"caption_template must contain {{token}} (e.g. 'a photo of {{token}} {{class_word}}'), got {self.caption_template!r}.")
-        try:
-            self.instance_prompt
-        except (KeyError, IndexError, ValueError):
-            raise UserError(
-                f"caption_template may only use {{token}} and {{class_word}}, got {self.caption_template!r}."
-            ) from None
+        if "{" in _PLACEHOLDER.sub("", self.caption_template) or "}" in _PLACEHOLDER.sub("", self.caption_template):
+            raise UserError(f"caption_template may only use {{token}} and {{class_word}} (or {{class}}) in braces; "
+                            f"remove the other braces from {self.caption_template!r}.")
         return self
 
     @property
     def instance_prompt(self) -> str:
-        return self.caption_template.format(token=self.token.strip(), class_word=self.class_word.strip())
+        return _PLACEHOLDER.sub(lambda m: self.token.strip() if m[1] == "token" else self.class_word.strip(),
+                                self.caption_template)
 
     def crop_key(self) -> str:
         """What the crop pixels depend on besides the photo itself."""
         return _short_hash({"resolution": self.resolution, "crop": self.crop, "version": CROP_VERSION})
+
+
+_PLACEHOLDER = re.compile(r"\{(token|class_word|class)\}")
 
 
 def _is_int(value) -> bool:
@@ -253,6 +254,8 @@ def open_photo(data: bytes, min_side: int | None = None) -> Photo:
     image is decoded downscaled (JPEG draft, else reduce), its short side kept >= min_side.
     Raises SkipImage with the reason when the bytes are not a usable image."""
     notes: list[str] = []
+    if not data:
+        raise SkipImage("empty file (0 bytes); copy the photo again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning: the engine never prints
@@ -271,7 +274,7 @@ def open_photo(data: bytes, min_side: int | None = None) -> Photo:
             if min_side and min(rgb.size) >= 2 * min_side:
                 rgb = rgb.reduce(min(rgb.size) // min_side)
     except Image.DecompressionBombError as exc:
-        raise SkipImage(f"too many pixels to decode safely ({exc})") from None
+        raise SkipImage(f"too many pixels to decode safely ({exc}); save a smaller copy of it") from None
     except Image.UnidentifiedImageError:
         raise SkipImage("not an image, or a format Pillow cannot read") from None
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on corrupt data
@@ -550,8 +553,12 @@ def _natural_key(name: str) -> list:
 
 def _scan_folder(src: Path) -> tuple[list[_Source], list[Skipped]]:
     """The photos of a folder (not its subfolders), their sidecar captions, and the rest as skipped."""
-    files = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: _natural_key(p.name))
+    try:
+        files = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=lambda p: _natural_key(p.name))
+    except OSError as exc:
+        raise UserError(f"The photo folder {src} cannot be read ({exc.strerror or exc}); check its permissions, "
+                        "or copy the photos to a folder you can read.") from None
     photos = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     photo_stems = {p.stem for p in photos}
     sidecars = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in photo_stems}
@@ -616,7 +623,11 @@ class _Writer:
         if not self.changed:
             if self.folder.exists() and not self.folder.is_dir():
                 raise UserError(f"The output folder {self.folder} is a file; choose a folder for --out.")
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"The output folder {self.folder} cannot be made ({exc.strerror or exc}); "
+                                "choose a folder you can write to.") from None
             (self.folder / DATASET_JSON).unlink(missing_ok=True)
             self.changed = True
 
@@ -694,8 +705,9 @@ def _prepare(sources: list[_Source], skipped: list[Skipped], out: Path, cfg: Pre
 
     if not records:
         examples = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:2])
-        raise UserError(f"No usable photo in {origin} (jpg, jpeg, png, webp, bmp, tif(f) or gif)"
-                        + (f"; skipped {len(skipped)}, e.g. {examples}" if skipped else "") + ".")
+        raise UserError(f"No usable photo in {origin}"
+                        + (f" (skipped {len(skipped)}, e.g. {examples})" if skipped else "")
+                        + "; add photos of the subject (jpg, jpeg, png, webp, bmp, tif(f) or gif).")
     kept = {name for r in records for name in _outputs(r)}
     for stale in {name for r in previous.values() for name in _outputs(r)} - kept:
         writer.remove(stale)
@@ -729,7 +741,7 @@ def _crop_one(source: _Source, old: ItemRecord | None, out: Path, cfg: PrepareCo
     try:
         sha, decode = source.read()
     except OSError as exc:
-        raise SkipImage(f"cannot be read ({exc.strerror or exc})") from None
+        raise SkipImage(f"cannot be read ({exc.strerror or exc}); check its permissions") from None
     name, crop_key = source.stem + ".png", cfg.crop_key()
     if old and (old.sha256, old.crop_key, old.image) == (sha, crop_key, name) and (out / name).is_file():
         record = ItemRecord(**asdict(old))
@@ -749,9 +761,13 @@ def _crop_one(source: _Source, old: ItemRecord | None, out: Path, cfg: PrepareCo
 
 def _write_captions_and_flip(source: _Source, record: ItemRecord, crop_image: Image.Image | None, out: Path,
                              cfg: PrepareConfig, writer: _Writer) -> None:
-    sidecar = source.sidecar.read_text(encoding="utf-8-sig", errors="replace") if source.sidecar else None
+    try:
+        sidecar = source.sidecar.read_text(encoding="utf-8-sig", errors="replace") if source.sidecar else None
+        unread = []
+    except OSError as exc:
+        sidecar, unread = None, [f"its caption file cannot be read ({exc.strerror or exc}); used the template"]
     record.caption, record.caption_source, notes = caption_for(cfg, sidecar)
-    record.warnings = record.warnings + notes
+    record.warnings = record.warnings + unread + notes
     writer.text(source.stem + ".txt", record.caption)
     record.flipped_image = None
     if cfg.flip:
@@ -838,15 +854,15 @@ def load_dataset(folder: str | Path) -> PreparedDataset:
         raise UserError(f"{folder} has no {DATASET_JSON}: it is not a prepared dataset or its preparation did not finish; run prepare into it again.")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != DATASET_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != DATASET_FORMAT:
             raise ValueError(f"format {doc.get('format')!r}")
         known = {f.name for f in fields(PrepareConfig)}
         config = PrepareConfig(**{k: v for k, v in doc["config"].items() if k in known}).validate()
         records = [_record_from_json(e) for e in doc["items"]]
         if None in records:
             raise ValueError("an item has unknown fields")
-    except (ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
-        raise UserError(f"{path} is damaged or from another version ({exc}); run prepare into {folder} again.") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
+        raise UserError(f"{path} is damaged, unreadable or from another version ({exc}); run prepare into {folder} again.") from None
     items = []
     for r in records:
         pairs = [(r.image, False)] + ([(r.flipped_image, True)] if r.flipped_image else [])

@@ -33,7 +33,7 @@ from .errors import UserError
 from .models import SDModel, load_model
 from .progress import Cancelled, Progress, ProgressFn, no_progress
 from .safe_io import atomic_write_text
-from .sampling import SEED_NEGATIVE, scene_prompts
+from .prompts import SEED_NEGATIVE, scene_prompts
 
 if TYPE_CHECKING:
     from .dataset import DatasetReport

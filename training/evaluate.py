@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +81,9 @@ def _load_rgb(image: Path | str | Image.Image) -> Image.Image:
     try:
         with Image.open(image) as opened:
             return ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"Image {image} could not be read ({e}); "
-                        "remove it or replace it with a PNG or JPEG.") from e
+                        "remove it or replace it with a PNG or JPEG.") from None
 
 
 def prompt_without_token(prompt: str, token: str | None) -> str:
@@ -320,7 +319,8 @@ _VISION_ANCHOR = "vision_model.embeddings.patch_embedding.weight"
 def _load_clip_vision_file(path: Path) -> ClipScorer:
     """A ComfyUI clip_vision file: a CLIPVisionModelWithProjection state dict; config read from shapes."""
     if path.suffix != ".safetensors":
-        raise UserError(f"CLIP file {path} is not a .safetensors file; only safetensors files are loaded.")
+        raise UserError(f"CLIP file {path} is not a .safetensors file; only safetensors files are loaded (a .bin, "
+                        ".pt or .ckpt pickle can run code): convert it to .safetensors, or pass a CLIP folder.")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -508,7 +508,6 @@ class EvalReport:
         """Write report.json, table.txt, grid.png and chart.png (when matplotlib is installed) into out_dir,
         each via a temp file."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         written = {
             "chart.png": self.chart,
             "grid.png": lambda p: self.grid().save(p, format="PNG"),
@@ -525,14 +524,11 @@ class EvalReport:
 
 
 def _write_atomic(target: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(tmp)`, then a rename: a full disk or an unwritable folder is one line, never a half-written file."""
+    from .safe_io import atomic_path
+
+    with atomic_path(target) as tmp:
+        write(tmp)
     return target
 
 
@@ -794,7 +790,10 @@ def image_files(folder: str | os.PathLike, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist; pass a folder of PNG or JPEG images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as e:
+        raise UserError(f"{what} folder {folder} cannot be read ({e.strerror or e}); check its permissions.") from None
     if not files:
         raise UserError(f"{what} folder {folder} has no images; pass a folder of PNG or JPEG images.")
     return files

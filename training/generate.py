@@ -1,7 +1,6 @@
 """`generate`: sample the three scenes (or given prompts) from a base, optionally with a LoRA."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from .errors import UserError
 from .models import SDModel, load_model
 from .progress import ProgressFn, no_progress
 from .safe_io import atomic_save_image
-from .prompts import SEED_NEGATIVE, fill_prompt, scene_prompts
+from .prompts import SEED_NEGATIVE, fill_prompt, scene_prompts, stray_braces
 from .sampling import generate_images
 
 
@@ -51,10 +50,6 @@ def apply_lora(model: SDModel, lora, strength: float = 1.0) -> int:
     return len(lora.layers)
 
 
-_BRACED = re.compile(r"\{[^{}]*\}?|\}")
-_FILLED = {"{token}", "{class}", "{class_word}"}
-
-
 def check_request(req: GenerateRequest) -> None:
     """Refuse settings that would fail (or silently do nothing) only after the model is loaded."""
     if req.steps < 1:
@@ -65,9 +60,9 @@ def check_request(req: GenerateRequest) -> None:
         raise UserError(f"rank {req.rank} must be 0 (the LoRA as trained) or a lower rank to resize it to, such as 4.")
     named = [("prompt", p) for p in req.prompts or []] + [("negative prompt", req.negative or "")]
     for what, text in named:
-        stray = [b for b in _BRACED.findall(text) if b not in _FILLED]
+        stray = stray_braces(text)
         if stray:
-            raise UserError(f"The {what} '{text}' has {stray[0]}; only {{token}} and {{class}} are filled in, "
+            raise UserError(f"The {what} '{text}' has {stray}; only {{token}} and {{class}} are filled in, "
                             "so remove the other braces.")
 
 

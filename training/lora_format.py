@@ -29,7 +29,7 @@ import torch
 
 from . import ldm_keys
 from .errors import UserError
-from .models import CONFIGS, FAMILY_CONFIGS, FAMILY_NAMES, PICKLE_SUFFIXES
+from .models import FAMILY_CONFIGS, FAMILY_NAMES, PICKLE_SUFFIXES
 from .progress import Progress, ProgressFn, no_progress
 
 FAMILIES = tuple(FAMILY_CONFIGS)  # SD1.5-family layouts; a LoRA's shapes say which one it was made on
@@ -320,11 +320,11 @@ def _parse(state: dict[str, torch.Tensor], meta: dict[str, str], label: str,
                             "download or export the LoRA again.")
     formats = sorted({_key_format(parts.get("down") or parts.get("alpha") or next(iter(parts.values())))
                       for parts in modules.values()} or {"unknown"})
-    alphas = _peft_alphas(meta, peft_config)
+    alphas = _peft_alphas(meta, peft_config, label)
 
     best: tuple[int, str, dict, dict, list] | None = None
     for family in FAMILIES:
-        layers, left, notes = _build_layers(state, modules, module_table(family), alphas)
+        layers, left, notes = _build_layers(state, modules, module_table(family), alphas, label)
         score = len(layers)
         if best is None or score > best[0]:
             best = (score, family, layers, left, notes)
@@ -345,7 +345,7 @@ def _full_diff_reason(tensor: torch.Tensor) -> str:
 
 
 def _build_layers(state: dict[str, torch.Tensor], modules: dict[str, dict[str, str]], table: ModuleTable,
-                  alphas: dict[str, Callable[[str, int], float | None]]) -> tuple[dict, dict, list]:
+                  alphas: dict[str, Callable[[str, int], float | None]], label: str = "The LoRA") -> tuple[dict, dict, list]:
     found: dict[str, LoraLayer] = {}
     unmapped: dict[str, str] = {}
     assumed_alpha = 0
@@ -374,6 +374,9 @@ def _build_layers(state: dict[str, torch.Tensor], modules: dict[str, dict[str, s
         down = down.reshape(rank, *target[1:])  # ComfyUI's trainer stores conv `down` flattened
         up = up.reshape(target[0], rank, *([1] * (len(target) - 2)))
         if "alpha" in parts:
+            if state[parts["alpha"]].numel() != 1:
+                raise UserError(f"{label}: its {parts['alpha']} holds {state[parts['alpha']].numel()} values instead "
+                                "of one; the file is damaged or not a LoRA: export it again.")
             alpha = float(state[parts["alpha"]].float().item())
         else:
             component, path = name.split(".", 1)
@@ -388,7 +391,8 @@ def _build_layers(state: dict[str, torch.Tensor], modules: dict[str, dict[str, s
     return layers, unmapped, notes
 
 
-def _peft_alphas(meta: Mapping[str, str], peft_config: Mapping[str, Any] | None) -> dict[str, Callable[[str, int], float | None]]:
+def _peft_alphas(meta: Mapping[str, str], peft_config: Mapping[str, Any] | None,
+                 label: str = "The LoRA") -> dict[str, Callable[[str, int], float | None]]:
     """Per-component alpha lookups from diffusers' `lora_adapter_metadata` or a peft adapter_config.json."""
     configs: dict[str, Mapping[str, Any]] = {}
     if "lora_adapter_metadata" in meta:
@@ -396,12 +400,22 @@ def _peft_alphas(meta: Mapping[str, str], peft_config: Mapping[str, Any] | None)
             flat = json.loads(meta["lora_adapter_metadata"])
         except ValueError:
             flat = {}
-        for key, value in flat.items():
+        for key, value in (flat if isinstance(flat, dict) else {}).items():
             component, _, field_name = key.partition(".")
             configs.setdefault(component, {})[field_name] = value  # type: ignore[index]
     if peft_config is not None:
+        if not isinstance(peft_config, Mapping):
+            raise UserError(f"{label}: its adapter_config.json is not a JSON object; export the adapter again.")
         configs.setdefault("unet", peft_config)
         configs.setdefault("text_encoder", peft_config)
+    for component, cfg in configs.items():
+        if "lora_alpha" in cfg and (isinstance(cfg["lora_alpha"], bool)
+                                    or not isinstance(cfg["lora_alpha"], (int, float))):
+            raise UserError(f"{label}: the {component} lora_alpha in its lora_adapter_metadata (or adapter_config.json) "
+                            f"is {str(cfg['lora_alpha'])[:40]!r}, not a number; fix it or export the LoRA again.")
+        if not isinstance(cfg.get("alpha_pattern") or {}, Mapping):
+            raise UserError(f"{label}: the {component} alpha_pattern in its lora_adapter_metadata (or "
+                            "adapter_config.json) is not a mapping of module to alpha; fix it or export the LoRA again.")
     return {component: _alpha_lookup(cfg) for component, cfg in configs.items() if "lora_alpha" in cfg}
 
 
@@ -432,7 +446,8 @@ def _refuse_unsupported(state: dict[str, torch.Tensor], meta: Mapping[str, str],
                         "load it directly in ComfyUI instead.")
     foreign = _foreign_base(state, meta)
     if foreign:
-        raise UserError(f"{label} is a LoRA for {foreign}; this pack works with Stable Diffusion 1.5 LoRAs only.")
+        raise UserError(f"{label} is a LoRA for {foreign}; this pack works with Stable Diffusion 1.5 LoRAs only, "
+                        "so pick a LoRA trained on an SD1.5 base.")
     for key in sorted(state):
         tensor = state[key]
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -653,6 +668,10 @@ def resize(lora: LoraFile, rank: int | None = None, keep_energy: float | None = 
     effective scale. Layers of one shape are done as one batch.
     """
     _check_targets(rank, keep_energy, "the resize")
+    trained = max((layer.rank for layer in lora.layers.values()), default=0)
+    if keep_energy is None and rank is not None and rank > trained:
+        raise UserError(f"rank {rank} is above the LoRA's rank {trained}; a resize only makes it smaller, "
+                        f"so give 1 to {max(1, trained - 1)} (or 0 in the loader for the LoRA as trained).")
     groups: dict[tuple[int, int, int], list[str]] = {}
     for name, layer in lora.layers.items():
         groups.setdefault((layer.shape[0], math.prod(layer.shape[1:]), layer.rank), []).append(name)
@@ -930,8 +949,8 @@ def lora_info(path: str | os.PathLike) -> str:
         f"  format:    {lora.source_format}",
         f"  base:      {family}",
         f"  modules:   {counts['unet']} UNet, {counts['text_encoder']} text encoder ({conv} of them 3x3 convs)",
-        f"  rank:      " + ", ".join(f"{r} ({n} layers)" for r, n in sorted(ranks.items())),
-        f"  alpha:     " + ", ".join(f"{a:g} ({n} layers)" for a, n in sorted(alphas.items())),
+        "  rank:      " + ", ".join(f"{r} ({n} layers)" for r, n in sorted(ranks.items())),
+        "  alpha:     " + ", ".join(f"{a:g} ({n} layers)" for a, n in sorted(alphas.items())),
         f"  dtype:     {str(first.down.dtype).removeprefix('torch.')}",
     ]
     lines += [f"  note:      {note}" for note in lora.notes]

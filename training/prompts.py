@@ -1,7 +1,12 @@
 """Prompts of the three-scene test (the seed's), and filling in the subject. No heavy imports."""
 from __future__ import annotations
 
+import re
+
 from .errors import UserError
+
+_BRACED = re.compile(r"\{[^{}]*\}?|\}")
+_FILLED = {"{token}", "{class}", "{class_word}"}
 
 SEED_NEGATIVE = (
     "naked, nsfw, deformed, distorted, disfigured, poorly drawn, bad anatomy, extra limb, missing limb, "
@@ -17,6 +22,11 @@ SEED_SCENES = {
 def fill_prompt(template: str, token: str, class_word: str) -> str:
     """Substitute `{token}` and `{class}` (and `{class_word}`); any other braces stay as written."""
     return template.replace("{token}", token).replace("{class_word}", class_word).replace("{class}", class_word)
+
+
+def stray_braces(text: str) -> str | None:
+    """The first brace group that `fill_prompt` would leave in the text (it would reach the model), or None."""
+    return next((b for b in _BRACED.findall(text) if b not in _FILLED), None)
 
 
 def scene_prompts(token: str = "sks", class_word: str = "man", scenes: dict[str, str] | None = None) -> dict[str, str]:

@@ -7,7 +7,6 @@ import torch
 
 from .models import SDModel
 from .progress import Progress, ProgressFn, no_progress
-from .prompts import SEED_NEGATIVE, SEED_SCENES, fill_prompt, scene_prompts  # noqa: F401 (re-exported)
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 

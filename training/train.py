@@ -237,8 +237,6 @@ def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelerator, progress: ProgressFn):
-    from PIL import Image
-
     from .dataset import DATASET_JSON, PrepareConfig, load_dataset, prepare_dataset
 
     folder = Path(cfg.instance_dir)
@@ -251,7 +249,7 @@ def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, acceler
         folder = prepared
     dataset = load_dataset(folder)
     items = dataset.training_items()
-    images = [Image.open(item.image).convert("RGB") for item in items]
+    images = [_open_rgb(item.image, "training image") for item in items]
     captions = [fill_prompt(item.caption, cfg.token, cfg.class_word) for item in items]
     if cfg.batch_size > len(images):
         raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images in {folder}; "
@@ -262,10 +260,22 @@ def _prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, acceler
     if cfg.prior_preservation:
         class_prompt = fill_prompt(cfg.class_prompt, cfg.token, cfg.class_word)
         paths = _class_image_paths(cfg, model, resolution, class_prompt, accelerator, progress)
-        class_images = [Image.open(p).convert("RGB") for p in paths]
+        class_images = [_open_rgb(p, "class image") for p in paths]
         class_examples = _encode(model, class_images, [class_prompt] * len(class_images), resolution, cfg, progress,
                                  "cache class latents", cfg.flip)
     return instance, class_examples
+
+
+def _open_rgb(path: Path, what: str):
+    """An image from a folder the user may have edited; a bad one is one line naming it, not a traceback."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"The {what} {path} cannot be read ({str(exc).splitlines()[0][:100]}); "
+                        f"remove or replace it in {Path(path).parent}.") from None
 
 
 def _class_image_paths(cfg: TrainConfig, model: SDModel, resolution: int, class_prompt: str, accelerator,

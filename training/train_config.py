@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .prompts import SEED_NEGATIVE, SEED_SCENES
+from .prompts import SEED_NEGATIVE, SEED_SCENES, stray_braces
+from .safe_io import file_name_problem
 
 METHODS = ("lora", "dreambooth")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -121,11 +122,15 @@ class TrainConfig:
         if not self.instance_dir:
             bad("instance_dir", "give the folder of subject photos (or a prepared dataset folder)")
         elif not Path(self.instance_dir).is_dir():
-            bad("instance_dir", f"{self.instance_dir} is not a folder")
+            bad("instance_dir", f"{self.instance_dir} is not a folder; give the folder of subject photos "
+                                "(or a prepared dataset folder)")
         if not self.output:
             bad("output", "give the .safetensors file to write")
         elif Path(self.output).suffix.lower() != ".safetensors":
             bad("output", f"{self.output} must end in .safetensors")
+        elif name_problem := file_name_problem(Path(self.output).name):
+            bad("output", f"the file name {Path(self.output).name[:60]!r} {name_problem}; choose a plain name "
+                          "such as 'subject_lora.safetensors'")
         if not self.token.strip() or any(c.isspace() for c in self.token):
             bad("token", "give one word with no spaces, such as 'sks'")
         if not self.class_word.strip():
@@ -162,6 +167,11 @@ class TrainConfig:
                 bad("prior_loss_weight", "must be 0 or more")
             if self.class_steps < 1:
                 bad("class_steps", "must be at least 1")
+        for name, texts in (("class_prompt", [self.class_prompt]), ("validation_prompts", self.validation_prompts),
+                            ("validation_negative", [self.validation_negative])):
+            stray = next((b for t in texts if (b := stray_braces(t))), None)
+            if stray:
+                bad(name, f"{stray} is not filled in (only {{token}} and {{class}} are); remove the other braces")
         if self.noise_offset < 0:
             bad("noise_offset", "must be 0 or more (0.05 to 0.1 is usual)")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
