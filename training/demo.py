@@ -223,19 +223,12 @@ class _Stages:
         return lambda e: self.progress(Progress(f"{label}: {e.stage}", e.step, e.total, e.info))
 
 
-@contextlib.contextmanager
-def _single_thread(on: bool) -> Iterator[None]:
-    # tiny's layers are so small that a second thread costs more in synchronisation than it saves
-    # (on a busy 2-core machine ten times more); a real model keeps torch's own setting.
-    if not on:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _single_thread(on: bool):
+    # tiny's layers are so small that a second thread costs more in synchronisation than it saves;
+    # a real model keeps torch's own setting
+    from .resources import one_thread
+
+    return one_thread() if on else contextlib.nullcontext()
 
 
 def _editable_copy(model: SDModel) -> SDModel:

@@ -13,7 +13,6 @@ never on the full m x n product.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -23,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -31,6 +30,7 @@ from . import ldm_keys
 from .errors import UserError
 from .models import FAMILY_CONFIGS, FAMILY_NAMES, PICKLE_SUFFIXES
 from .progress import Progress, ProgressFn, no_progress
+from .resources import one_thread
 
 FAMILIES = tuple(FAMILY_CONFIGS)  # SD1.5-family layouts; a LoRA's shapes say which one it was made on
 
@@ -678,7 +678,7 @@ def resize(lora: LoraFile, rank: int | None = None, keep_energy: float | None = 
     new_layers: dict[str, LoraLayer] = {}
     reports: dict[str, LayerResize] = {}
     done = 0
-    with _one_intra_op_thread():
+    with one_thread():
         for (m, n, r), names in groups.items():
             if keep_energy is None and rank is not None and r <= rank:
                 for name in names:  # already small enough: nothing to compute
@@ -698,21 +698,6 @@ def resize(lora: LoraFile, rank: int | None = None, keep_energy: float | None = 
     resized = LoraFile({name: new_layers[name] for name in order}, dict(lora.metadata), lora.source_format,
                        lora.family, dict(lora.unmapped), list(lora.notes))
     return resized, [reports[name] for name in order]
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run many medium-size LAPACK calls (QR, r x r SVD) on one thread, then restore the setting.
-
-    Each call is a parallel region too small to gain much from a second thread; on a busy
-    machine every region waits for a core, which measured 10-30x slower on 2 cores.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
