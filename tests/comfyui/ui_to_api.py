@@ -1,5 +1,5 @@
 """UI-format workflow (what the ComfyUI page saves) -> API-format prompt, by the rule of the
-frontend's `graphToPrompt` (comfyui_frontend_package 1.27, see /work/comfy_facts.md section d).
+frontend's `graphToPrompt` (comfyui_frontend_package 1.27: the loop over widgets whose options.serialize is not false).
 
 Pure Python; `object_info` is the server's /object_info. What is implemented:
 - widget values are positional in `widgets_values`, in INPUT_TYPES order (required, then
