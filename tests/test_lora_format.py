@@ -66,6 +66,15 @@ def test_name_tables_cover_sd15_and_map_kohya_names_both_ways():
 
 
 @pytest.mark.parametrize("family", lf.FAMILIES)
+def test_shipped_module_tables_equal_tables_built_from_the_installed_diffusers(family):
+    """module_table.json is read instead of building meta models; rebuild with scripts/build_module_tables.py."""
+    import json
+
+    shipped = json.loads((lf.FAMILY_CONFIGS[family] / lf.MODULE_TABLE_FILE).read_text())
+    assert shipped == json.loads(json.dumps(lf.module_rows(family)))
+
+
+@pytest.mark.parametrize("family", lf.FAMILIES)
 def test_ldm_module_names_agree_with_diffusers_single_file_converter(family):
     """ComfyUI's own files use ldm names; diffusers' ldm -> diffusers converter is the referee."""
     from diffusers import UNet2DConditionModel

@@ -104,9 +104,35 @@ class ModuleTable:
     ldm: dict[str, str]  # canonical UNet name -> ldm module path (no prefix)
 
 
+MODULE_TABLE_FILE = "module_table.json"  # shipped in each family's config folder
+
+
 @lru_cache(maxsize=None)
 def module_table(family: str) -> ModuleTable:
-    """Built once per family from a meta-device model (instant, no weights)."""
+    """Read from the family's shipped module_table.json (building it costs ~0.2 s of meta-model
+    construction per family, and every LoRA read tries each family)."""
+    shipped = FAMILY_CONFIGS[family] / MODULE_TABLE_FILE
+    rows = json.loads(shipped.read_text()) if shipped.is_file() else module_rows(family)
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, str] = {}
+    ldm: dict[str, str] = {}
+    for path, (shape, ldm_path) in rows["unet"].items():
+        name = f"unet.{path}"
+        shapes[name] = tuple(shape)
+        ldm[name] = ldm_path
+        aliases[f"lora_unet_{path.replace('.', '_')}"] = name
+        aliases[f"lora_unet_{ldm_path.replace('.', '_')}"] = name
+        aliases[f"diffusion_model.{ldm_path}"] = name
+    for path, shape in rows["text_encoder"].items():
+        name = f"text_encoder.{path}"
+        shapes[name] = tuple(shape)
+        aliases[f"lora_te_text_model_{path.replace('.', '_')}"] = name
+    return ModuleTable(family, shapes, aliases, ldm)
+
+
+def module_rows(family: str) -> dict[str, dict[str, list]]:
+    """The LoRA-able modules of a family, from a meta-device model: UNet path -> [shape, ldm path],
+    text-encoder path -> shape. `scripts/build_module_tables.py` writes them to module_table.json."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -115,28 +141,16 @@ def module_table(family: str) -> ModuleTable:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    aliases: dict[str, str] = {}
-    ldm: dict[str, str] = {}
-    per_level = config["layers_per_block"]
+    rows: dict[str, dict[str, list]] = {"unet": {}, "text_encoder": {}}
     for path, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        name = f"unet.{path}"
-        shapes[name] = tuple(module.weight.shape)
-        ldm_path = _unet_ldm_path(path, per_level, config["up_block_types"])
-        ldm[name] = ldm_path
-        aliases[f"lora_unet_{path.replace('.', '_')}"] = name
-        aliases[f"lora_unet_{ldm_path.replace('.', '_')}"] = name
-        aliases[f"diffusion_model.{ldm_path}"] = name
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            ldm_path = _unet_ldm_path(path, config["layers_per_block"], config["up_block_types"])
+            rows["unet"][path] = [list(module.weight.shape), ldm_path]
     for path, module in text_encoder.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        path = path.removeprefix("text_model.")  # older transformers nest the model one level deeper
-        name = f"text_encoder.{path}"
-        shapes[name] = tuple(module.weight.shape)
-        aliases[f"lora_te_text_model_{path.replace('.', '_')}"] = name
-    return ModuleTable(family, shapes, aliases, ldm)
+        if isinstance(module, torch.nn.Linear):
+            # older transformers nest the model one level deeper
+            rows["text_encoder"][path.removeprefix("text_model.")] = list(module.weight.shape)
+    return rows
 
 
 def _unet_ldm_path(path: str, layers_per_block: int, up_block_types: list[str]) -> str:
