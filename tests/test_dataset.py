@@ -334,8 +334,10 @@ def test_interrupted_run_never_looks_finished(tmp_path):
     with pytest.raises(UserError, match="did not finish"):
         load_dataset(out)
     assert not list(out.glob(".*.tmp"))
+    assert (out / dataset.UNFINISHED).is_file()  # the crops there are ours: the re-run may replace them
     report = prepare_dataset(SUBJECT, out, PrepareConfig(crop="pad"))
     assert report.kept == 6 and load_dataset(out).config.crop == "pad"
+    assert not (out / dataset.UNFINISHED).exists()
 
 
 @pytest.mark.parametrize("change,match", [
@@ -365,6 +367,69 @@ def test_bad_folders(tmp_path):
         load_dataset(empty)
 
 
+def _foreign_folder(root: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A photo folder (one photo, `me.jpg`) and a folder of the user's own kohya-style files: a pair
+    with the stem of that photo (`me.png`, `me.txt`) and an unrelated file."""
+    src, theirs = root / "photos", root / "my_set"
+    src.mkdir()
+    theirs.mkdir()
+    shutil.copy(PHOTOS[0], src / "me.jpg")
+    _photo_like((80, 80)).save(theirs / "me.png")
+    (theirs / "me.txt").write_text("my own caption")
+    (theirs / "notes.md").write_text("mine")
+    return src, theirs, _contents(theirs)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_foreign_folder_is_never_overwritten_without_overwrite(tmp_path):
+    src, theirs, before = _foreign_folder(tmp_path)
+    cfg = PrepareConfig(resolution=64, crop="center")
+    taken = r"my_set has no dataset.json from prepare but already holds me\.png, me\.txt,"
+    with pytest.raises(UserError, match=taken) as refused:
+        prepare_dataset(src, theirs, cfg)
+    assert "choose an empty or new folder for --out, or pass --overwrite" in str(refused.value)
+    assert _contents(theirs) == before  # nothing written, not even the unfinished marker
+
+    report = prepare_dataset(src, theirs, cfg, overwrite=True)
+    assert report.items[0].image == "me.png" and (theirs / "me.txt").read_text() == "a photo of sks man"
+    assert (theirs / "notes.md").read_bytes() == before["notes.md"]  # not one of our names: left alone
+    # now it is ours (it has our dataset.json): a re-run needs no flag and reuses the crop
+    assert prepare_dataset(src, theirs, cfg).reused == 1
+
+
+def test_a_foreign_folder_is_written_into_when_no_name_is_taken(tmp_path):
+    src, theirs, before = _foreign_folder(tmp_path)
+    for name in ("me.png", "me.txt"):
+        (theirs / name).unlink()
+    (theirs / "me_flip.txt").write_text("mine too")
+    with pytest.raises(UserError, match="me_flip.txt"):  # with flip, the mirror's names are ours too
+        prepare_dataset(src, theirs, PrepareConfig(resolution=64, crop="center", flip=True))
+    report = prepare_dataset(src, theirs, PrepareConfig(resolution=64, crop="center"))
+    assert report.kept == 1 and (theirs / "dataset.json").is_file()
+    assert (theirs / "notes.md").read_bytes() == before["notes.md"]
+    assert (theirs / "me_flip.txt").read_text() == "mine too"
+
+
+def test_one_usable_photo_is_prepared_with_a_warning(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    shutil.copy(PHOTOS[0], src / "only.jpg")
+    (src / "notes.jpg").write_text("not a picture")
+    report = prepare_dataset(src, tmp_path / "o", PrepareConfig(resolution=64, crop="center"))
+    assert report.kept == 1 and report.warnings == [dataset.ONE_PHOTO_WARNING]
+    assert "only one usable photo" in report.text() and "10-20 varied photos" in report.text()
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["warnings"] == [dataset.ONE_PHOTO_WARNING]
+    assert len(load_dataset(tmp_path / "o")) == 1  # a warning, not a refusal: it trains
+
+    shutil.copy(PHOTOS[1], src / "second.jpg")  # two photos: no warning, and none left in dataset.json
+    report = prepare_dataset(src, tmp_path / "o", PrepareConfig(resolution=64, crop="center"))
+    assert report.warnings == [] and "warning" not in report.text()
+    assert "warnings" not in json.loads((tmp_path / "o" / "dataset.json").read_text())
+
+
 def test_prepare_from_images_for_the_node(tmp_path):
     images = [_photo_like((300, 200)), Image.new("RGBA", (64, 64), (0, 0, 0, 0))]
     report = prepare_from_images(images, tmp_path / "o", PrepareConfig(resolution=128))
@@ -372,6 +437,21 @@ def test_prepare_from_images_for_the_node(tmp_path):
     assert report.items[0].face_found and not report.items[1].face_found
     assert report.items[1].upscaled
     assert prepare_from_images(images, tmp_path / "o", PrepareConfig(resolution=128)).reused == 2
+
+
+def test_the_nodes_folder_stays_ours_after_a_first_run_is_stopped(tmp_path):
+    """The node calls without `overwrite`: a first run stopped after one crop (no dataset.json yet)
+    must not make its own folder look foreign to the next run."""
+    images, out = [_photo_like((96, 96)), _photo_like((64, 80))], tmp_path / "node_out"
+
+    def stop_after_first(event):
+        if event.step == 1:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        prepare_from_images(images, out, PrepareConfig(resolution=64, crop="center"), progress=stop_after_first)
+    assert (out / "image_0001.png").is_file() and not (out / "dataset.json").exists()
+    assert prepare_from_images(images, out, PrepareConfig(resolution=64, crop="center")).kept == 2
 
 
 # ---------------------------------------------------------------- CLI
@@ -398,6 +478,18 @@ def test_cli_prepare_bad_input_is_one_line(tmp_path, capsys, argv, needle):
     assert _cli("prepare", str(SUBJECT), "--out", str(tmp_path / "o"), *argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and err.startswith("error:")
+
+
+def test_cli_prepare_into_a_foreign_folder_needs_overwrite(tmp_path, capsys):
+    src, theirs, before = _foreign_folder(tmp_path)
+    argv = ["prepare", str(src), "--out", str(theirs), "--resolution", "64", "--crop", "center"]
+    assert _cli(*argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and "--overwrite" in err and str(theirs) in err
+    assert _contents(theirs) == before
+    assert _cli(*argv, "--overwrite") == 0
+    assert "Prepared 1 of 1 files" in capsys.readouterr().out
+    assert (theirs / "me.png").read_bytes() != before["me.png"]
 
 
 def test_cli_prepare_missing_folder(tmp_path, capsys):

@@ -18,6 +18,8 @@ def add_dataset_commands(sub) -> None:
     p = sub.add_parser("prepare", help="crop and caption a folder of photos of the subject, with a report")
     p.add_argument("dir", help="folder of photos (jpg, jpeg, png, webp, bmp, tif); name.txt beside a photo is its caption")
     p.add_argument("--out", required=True, help="output folder: crops, captions, dataset.json, contact_sheet.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names in an --out folder that prepare did not make")
     p.add_argument("--token", default=d.token, help=f"the rare token that names the subject (default {d.token})")
     p.add_argument("--class-word", default=d.class_word, help=f"what the subject is: man, woman, dog... (default {d.class_word})")
     p.add_argument("--resolution", default=str(d.resolution), help=f"square side in pixels, a multiple of 8 (default {d.resolution})")
@@ -65,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                         repeats=_number(args.repeats, "--repeats"), caption_template=args.caption_template)
     bar = TqdmProgress()
     try:
-        report = prepare_dataset(Path(args.dir), Path(args.out), cfg, progress=bar)
+        report = prepare_dataset(Path(args.dir), Path(args.out), cfg, progress=bar, overwrite=args.overwrite)
     finally:
         bar.close()
     print(report.text())

@@ -59,6 +59,7 @@ def add_train_commands(sub) -> None:
     g.add_argument("--token", default=None, help="trigger token (default: the LoRA's, else sks)")
     g.add_argument("--class-word", default=None, help="class word (default: the LoRA's, else man)")
     g.add_argument("--out", required=True, help="folder for the images")
+    g.add_argument("--overwrite", action="store_true", help="replace images of the same names already in --out")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
@@ -97,7 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = GenerateRequest(base=args.base, lora=args.lora, strength=args.strength, rank=args.rank,
                               prompts=args.prompt, negative=args.negative, token=args.token,
                               class_word=args.class_word, out=Path(args.out), seed=args.seed, steps=args.steps,
-                              guidance=args.cfg, resolution=args.resolution, sampler=args.sampler)
+                              guidance=args.cfg, resolution=args.resolution, sampler=args.sampler,
+                              overwrite=args.overwrite)
     bar = TqdmProgress()
     written = run_generate(request, progress=bar)
     bar.close()

@@ -6,6 +6,10 @@ Layout of the output folder (flat, so any trainer that reads image + same-stem .
     <stem>_flip.png, <stem>_flip.txt  its mirror, with `flip`
     contact_sheet.png                 every crop with its file name, to check crops at a glance
     dataset.json                      written last: a folder without it is not a finished dataset
+    .prepare_unfinished               only while a run writes (or after it was stopped): the folder is ours
+
+A folder that is neither ours (no dataset.json, no .prepare_unfinished) nor empty is the user's:
+prepare refuses to write over any of its files unless told to overwrite.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 CROP_MODES = ("face", "center", "pad")
 DATASET_JSON = "dataset.json"
 CONTACT_SHEET = "contact_sheet.png"
+UNFINISHED = ".prepare_unfinished"
 DATASET_FORMAT = 1
 # Bump when the crop pixels for the same inputs change (decoding, geometry, detector):
 # it is part of every cache key, so old outputs are redone instead of trusted.
@@ -40,6 +45,8 @@ CROP_VERSION = 1
 PAD_COLOR = (255, 255, 255)
 FLIP_SUFFIX = "_flip"
 SHEET_THUMB = 128
+ONE_PHOTO_WARNING = ("only one usable photo was found: training works, but the model learns that one picture "
+                     "(its pose, light and background); 10-20 varied photos of the subject are recommended")
 
 # Head-and-shoulders framing: the face box is this fraction of the square's side, and
 # its centre sits this far down the square (upper middle, shoulders below).
@@ -143,6 +150,7 @@ class DatasetReport:
     skipped: list[Skipped]
     reused: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # about the dataset as a whole
 
     @property
     def kept(self) -> int:
@@ -168,6 +176,7 @@ class DatasetReport:
             f"  {cfg.resolution}x{cfg.resolution}, crop={cfg.crop}, flip={'on' if cfg.flip else 'off'}, "
             f"repeats={cfg.repeats}, prompt: \"{cfg.instance_prompt}\"",
         ]
+        lines += [f"  warning: {w}" for w in self.warnings]
         if cfg.crop == "face":
             missed = [r.source for r in self.items if not r.face_found]
             line = f"  faces found: {self.faces_found} of {self.kept}"
@@ -587,8 +596,9 @@ def _assign_stems(sources: list[_Source]) -> None:
 
 
 def prepare_dataset(src: str | Path, out: str | Path, cfg: PrepareConfig,
-                    progress: ProgressFn = no_progress) -> DatasetReport:
-    """Crop, caption and check every photo of `src` into `out` (see the module docstring)."""
+                    progress: ProgressFn = no_progress, overwrite: bool = False) -> DatasetReport:
+    """Crop, caption and check every photo of `src` into `out` (see the module docstring). Files of
+    another origin in `out` that have the names of our outputs are replaced only with `overwrite`."""
     cfg.validate()
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -598,22 +608,23 @@ def prepare_dataset(src: str | Path, out: str | Path, cfg: PrepareConfig,
     if out.resolve() == src.resolve():
         raise UserError(f"The output folder {out} is the photo folder itself; choose another --out folder.")
     sources, skipped = _scan_folder(src)
-    return _prepare(sources, skipped, out, cfg, progress, origin=str(src))
+    return _prepare(sources, skipped, out, cfg, progress, origin=str(src), overwrite=overwrite)
 
 
 def prepare_from_images(images: Sequence[Image.Image], out: str | Path, cfg: PrepareConfig,
-                        progress: ProgressFn = no_progress) -> DatasetReport:
+                        progress: ProgressFn = no_progress, overwrite: bool = False) -> DatasetReport:
     """Like `prepare_dataset`, for images already in memory (a ComfyUI IMAGE batch)."""
     cfg.validate()
     if not images:
         raise UserError("The image batch is empty; give at least one photo of the subject.")
     sources = [_pil_source(i + 1, image) for i, image in enumerate(images)]
-    return _prepare(sources, [], Path(out), cfg, progress, origin=f"a batch of {len(sources)} images")
+    return _prepare(sources, [], Path(out), cfg, progress, origin=f"a batch of {len(sources)} images",
+                    overwrite=overwrite)
 
 
 class _Writer:
-    """Writes outputs atomically; removes dataset.json before the first change, so an
-    interrupted run never leaves a folder that looks finished."""
+    """Writes outputs atomically; before the first change it marks the folder unfinished (and
+    ours) and removes dataset.json, so an interrupted run never leaves a folder that looks finished."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -628,6 +639,8 @@ class _Writer:
             except OSError as exc:
                 raise UserError(f"The output folder {self.folder} cannot be made ({exc.strerror or exc}); "
                                 "choose a folder you can write to.") from None
+            atomic_write_text(self.folder / UNFINISHED, "python -m training prepare is writing this folder, "
+                              f"or was stopped; it is a finished dataset once {DATASET_JSON} is here.\n")
             (self.folder / DATASET_JSON).unlink(missing_ok=True)
             self.changed = True
 
@@ -678,13 +691,31 @@ def _outputs(record: ItemRecord) -> list[str]:
     return names
 
 
+def _refuse_foreign_files(out: Path, sources: list[_Source], cfg: PrepareConfig) -> None:
+    """`out` is not ours (no dataset.json, not an unfinished run of ours): refuse before writing
+    anything if any file there has the name of one of our outputs."""
+    names = [CONTACT_SHEET, DATASET_JSON]
+    for source in sources:
+        names += [source.stem + ".png", source.stem + ".txt"]
+        if cfg.flip:
+            names += [source.stem + FLIP_SUFFIX + ".png", source.stem + FLIP_SUFFIX + ".txt"]
+    taken = [name for name in names if (out / name).exists()]
+    if taken:
+        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise UserError(f"The output folder {out} has no {DATASET_JSON} from prepare but already holds {shown}, "
+                        "which prepare would overwrite; choose an empty or new folder for --out, "
+                        "or pass --overwrite to replace them.")
+
+
 def _prepare(sources: list[_Source], skipped: list[Skipped], out: Path, cfg: PrepareConfig,
-             progress: ProgressFn, origin: str) -> DatasetReport:
+             progress: ProgressFn, origin: str, overwrite: bool = False) -> DatasetReport:
     started = time.perf_counter()
     previous_doc, previous_raw = _read_previous(out)
     previous = {r.source: r for r in map(_record_from_json, previous_doc.get("items", [])) if r is not None}
     writer = _Writer(out)
     _assign_stems(sources)
+    if not (overwrite or previous_doc or (out / UNFINISHED).is_file()):
+        _refuse_foreign_files(out, sources, cfg)
     records: list[ItemRecord] = []
     thumbs: dict[str, Image.Image] = {}  # new crops, small, for the contact sheet
     reused = 0
@@ -718,6 +749,7 @@ def _prepare(sources: list[_Source], skipped: list[Skipped], out: Path, cfg: Pre
                  for r in records]
         writer.image(make_contact_sheet(tiles), CONTACT_SHEET)
 
+    dataset_warnings = [ONE_PHOTO_WARNING] if len(records) == 1 else []  # none usable raised above
     doc = {
         "format": DATASET_FORMAT,
         "origin": origin,
@@ -728,10 +760,13 @@ def _prepare(sources: list[_Source], skipped: list[Skipped], out: Path, cfg: Pre
         "items": [asdict(r) for r in records],
         "skipped": [asdict(s) for s in skipped],
     }
+    if dataset_warnings:  # only when there are some: the text of older datasets (their hash) stays as it was
+        doc["warnings"] = dataset_warnings
     text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
     if writer.changed or text != previous_raw:
         atomic_write_text(out / DATASET_JSON, text)  # last: its presence means "finished"
-    return DatasetReport(out, origin, cfg, records, skipped, reused, time.perf_counter() - started)
+    (out / UNFINISHED).unlink(missing_ok=True)
+    return DatasetReport(out, origin, cfg, records, skipped, reused, time.perf_counter() - started, dataset_warnings)
 
 
 def _crop_one(source: _Source, old: ItemRecord | None, out: Path, cfg: PrepareConfig,

@@ -312,7 +312,8 @@ def _generate_all(cfg: DemoConfig, plan: _Plan, model: SDModel, runs: list[DemoR
             target = _editable_copy(model)  # a LoRA is merged into the weights: never into the shared model
         request = GenerateRequest(base=cfg.base, lora=str(run.path) if method == "lora" else None,
                                   token=cfg.token, class_word=cfg.class_word, out=folder / f".{method}_{rank}",
-                                  seed=cfg.seed, steps=plan.sample_steps, resolution=plan.resolution)
+                                  seed=cfg.seed, steps=plan.sample_steps, resolution=plan.resolution,
+                                  overwrite=True)  # the demo's own scratch folder: a killed demo may have left it
         # one bar over the models: the sampler reports only once per batch of pictures
         paths = run_generate(request, model=target.to(device))
         del target

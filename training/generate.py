@@ -10,7 +10,7 @@ from .errors import UserError
 from .models import SDModel, load_model
 from .progress import ProgressFn, no_progress
 from .safe_io import atomic_save_image
-from .prompts import SEED_NEGATIVE, fill_prompt, scene_prompts, stray_braces
+from .prompts import SEED_NEGATIVE, SEED_SCENES, fill_prompt, scene_prompts, stray_braces
 from .sampling import generate_images
 
 
@@ -30,6 +30,7 @@ class GenerateRequest:
     guidance: float = 7.5
     resolution: int | None = None
     sampler: str = "ddim"
+    overwrite: bool = False  # replace images of the same names already in `out`
 
 
 @torch.no_grad()
@@ -66,9 +67,29 @@ def check_request(req: GenerateRequest) -> None:
                             "so remove the other braces.")
 
 
+def output_paths(req: GenerateRequest) -> list[Path]:
+    """The files `run_generate` writes: `<scene>_<seed>.png`, or `prompt<i>_<seed>.png` for given prompts."""
+    names = [f"prompt{i + 1}" for i in range(len(req.prompts))] if req.prompts else list(SEED_SCENES)
+    return [Path(req.out) / f"{name}_{req.seed}.png" for name in names]
+
+
+def check_outputs(req: GenerateRequest) -> None:
+    """Refuse, before any model is read, to replace images an earlier run left in `req.out`."""
+    out = Path(req.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pick a folder for the images.")
+    existing = [p.name for p in output_paths(req) if p.exists()]
+    if existing and not req.overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UserError(f"--out {out} already holds {shown}; pick another --out folder, "
+                        "or pass --overwrite to replace them.")
+
+
 def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model: SDModel | None = None) -> list[Path]:
-    """Write one PNG per prompt into `req.out` (named by scene and seed); returns their paths."""
+    """Write one PNG per prompt into `req.out` (named by scene and seed); returns their paths.
+    Images of the same names already there are replaced only with `req.overwrite`."""
     check_request(req)
+    check_outputs(req)
     token, class_word = req.token, req.class_word
     lora = None
     if req.lora:
@@ -89,11 +110,11 @@ def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model
     if lora is not None:  # merged into the model's weights: a model passed in keeps the LoRA
         apply_lora(model, lora, req.strength)
     if req.prompts:
-        named = {f"prompt{i + 1}": fill_prompt(p, token, class_word) for i, p in enumerate(req.prompts)}
+        prompts = [fill_prompt(p, token, class_word) for p in req.prompts]
     else:
-        named = scene_prompts(token, class_word)
+        prompts = list(scene_prompts(token, class_word).values())
     negative = SEED_NEGATIVE if req.negative is None else req.negative
-    images = generate_images(model, list(named.values()), negative, [req.seed] * len(named),
+    images = generate_images(model, prompts, negative, [req.seed] * len(prompts),
                              resolution=req.resolution, steps=req.steps, guidance=req.guidance,
                              sampler=req.sampler, progress=progress)
-    return [atomic_save_image(im, Path(req.out) / f"{name}_{req.seed}.png") for name, im in zip(named, images)]
+    return [atomic_save_image(im, path) for path, im in zip(output_paths(req), images)]
