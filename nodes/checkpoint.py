@@ -1,11 +1,11 @@
 """Load Subject Checkpoint: a DreamBooth checkpoint by the name Train Subject passes along."""
 from __future__ import annotations
 
-from .host import CATEGORY, model_file
+from .host import CATEGORY, model_file, user_errors
 
 
 class LoadSubjectCheckpoint:
-    DESCRIPTION = ("Loads a checkpoint by a connected file name, as Load Checkpoint does. Use it after Train "
+    DESCRIPTION = ("Loads an SD1.5 checkpoint by a connected file name, as Load Checkpoint does. Use it after Train "
                    "Subject (DreamBooth): Load Checkpoint's list cannot name a file that this run writes.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -26,7 +26,11 @@ class LoadSubjectCheckpoint:
         import comfy.sd
         import folder_paths
 
+        from ..training.models import inspect_checkpoint
+
         path = model_file("checkpoints", ckpt_name)
+        with user_errors():  # a pickle, a cut-off file or another base: one line here, not ComfyUI's traceback
+            inspect_checkpoint(path)
         out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
                                                     embedding_directory=folder_paths.get_folder_paths("embeddings"))
         return out[:3]

@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .host import (CATEGORY, NodeError, HostProgress, fit_same_size, folder_signature, image_hash, input_folder,
-                   output_folder, pils_to_tensor, short_hash, slug, tensor_to_pils, user_errors)
+from .host import (CATEGORY, NodeError, HostProgress, deleted_since_written, fit_same_size, folder_signature,
+                   image_hash, input_folder, output_folder, pils_to_tensor, remember_written, short_hash, slug,
+                   tensor_to_pils, user_errors)
 
 SUBJECT_DATASET = "SUBJECT_DATASET"
 
@@ -27,9 +28,19 @@ def dataset_crops(dataset: dict, limit: int | None = None) -> list:
         items = [item for item in load_dataset(dataset["folder"]).items if not item.flipped]
     crops = []
     for item in items[:limit]:
-        with Image.open(item.image) as im:
-            crops.append(im.convert("RGB"))
+        try:
+            with Image.open(item.image) as im:
+                crops.append(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = str(exc).splitlines()[0].replace(str(item.image), item.image.name)[:160]
+            raise NodeError(f"The prepared crop {item.image} cannot be read ({reason}); delete the folder "
+                            f"{item.image.parent} and queue again to prepare it anew.") from None
     return crops
+
+
+def photo_dataset_folder(source: Path, settings: tuple) -> Path:
+    """Where the dataset of a photo folder is kept: one folder per photo folder and settings."""
+    return output_folder("datasets", f"{slug(source.name, 'photos')}_{short_hash(str(source), settings)}")
 
 
 class PrepareSubjectDataset:
@@ -72,9 +83,15 @@ class PrepareSubjectDataset:
         }
 
     @classmethod
-    def IS_CHANGED(cls, folder="", **_):
-        try:  # a changed photo folder must run the node again; connected images are tracked by ComfyUI
-            return folder_signature(input_folder(folder))
+    def IS_CHANGED(cls, folder="", token="", class_word="", resolution=0, crop="", flip=False, **_):
+        # A changed photo folder must run the node again, and so must a dataset folder deleted since
+        # (a damaged crop's message says to delete it); connected images are tracked by ComfyUI.
+        try:
+            source = input_folder(folder)
+            prepared = photo_dataset_folder(source, (token.strip(), class_word.strip(), resolution, crop, flip))
+            if deleted_since_written(prepared / "dataset.json"):
+                return float("nan")
+            return folder_signature(source)
         except Exception:  # noqa: BLE001 - a bad folder is reported when the node runs
             return float("nan")
 
@@ -85,18 +102,21 @@ class PrepareSubjectDataset:
                             crop=crop, flip=flip)
         settings = (cfg.token, cfg.class_word, resolution, crop, flip)
         progress = HostProgress(unique_id)
+        # overwrite: the hash-named folders under output/dreambooth/datasets/ are only ever written by this node,
+        # so whatever is there (a run killed halfway included) is ours to replace, never the user's
         with user_errors():
             cfg.validate()
             if images is not None:
                 out = output_folder("datasets", f"images_{short_hash(image_hash(images), settings)}")
-                report = prepare_from_images(tensor_to_pils(images), out, cfg, progress)
+                report = prepare_from_images(tensor_to_pils(images), out, cfg, progress, overwrite=True)
             else:
                 if not str(folder).strip():
                     raise NodeError("folder is empty; give the folder of the subject's photos "
                                     "(relative to ComfyUI's input/ folder) or connect images.")
                 source = input_folder(folder)
-                out = output_folder("datasets", f"{slug(source.name, 'photos')}_{short_hash(str(source), settings)}")
-                report = prepare_dataset(source, out, cfg, progress)
+                out = photo_dataset_folder(source, settings)
+                report = prepare_dataset(source, out, cfg, progress, overwrite=True)
+        remember_written(out / "dataset.json")
         dataset = subject_dataset(out, cfg.token, cfg.class_word, resolution)
         crops = fit_same_size(dataset_crops(dataset))
         return (dataset, pils_to_tensor(crops), report.text())

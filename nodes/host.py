@@ -49,9 +49,15 @@ def check_output_name(name: str) -> str:
     if problem is None and (stem.startswith(".") or ".." in stem):
         problem = "starts with a dot or holds '..'"
     if problem:
-        raise NodeError(f"output_name {stem[:60]!r} {problem}; give a plain file name such as 'subject_lora' "
+        raise NodeError(f"output_name '{shown(stem[:60])}' {problem}; give a plain file name such as 'subject_lora' "
                         "(letters, digits, - and _; no folders).")
     return stem
+
+
+def shown(text: str) -> str:
+    """Text as the user typed it, for a one-line message: only unprintable characters escaped
+    (repr() would also double every backslash of a Windows path)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def slug(text: str, fallback: str = "item", limit: int = 40) -> str:
@@ -195,7 +201,7 @@ def model_file(kind: str, name: str) -> Path:
     import folder_paths
 
     if not name or name == NONE_CHOICE:
-        raise NodeError(f"No {kind} file was chosen; pick one or connect a file name.")
+        raise NodeError(f"No file from models/{kind} was chosen; pick one in the list or connect a file name.")
     path = folder_paths.get_full_path(kind, name)
     if path is None:
         raise NodeError(f"There is no file '{name}' in ComfyUI's models/{kind} folders; "

@@ -1,15 +1,21 @@
 """Subject Scene Prompts: the three-scene test (or your own scenes) with the subject filled in."""
 from __future__ import annotations
 
-from .host import CATEGORY, user_errors
+from .host import CATEGORY, NodeError, user_errors
 
 
 def scene_prompt_lists(token: str, class_word: str, scenes: str) -> tuple[list[str], list[str]]:
-    """(prompts, scene names) from `name: prompt` lines; {token} and {class} are filled in."""
-    from ..training.prompts import fill_prompt, parse_scenes
+    """(prompts, scene names) from `name: prompt` lines; {token} and {class} are filled in, other
+    braces are refused (they would reach the text encoder as written)."""
+    from ..training.prompts import fill_prompt, parse_scenes, stray_braces
 
     with user_errors():
         parsed = parse_scenes(scenes)
+    for name, prompt in parsed.items():
+        stray = stray_braces(prompt)
+        if stray:
+            raise NodeError(f"The scene '{name}' has {stray}; only {{token}} and {{class}} are filled in, so "
+                            "remove the other braces.")
     return [fill_prompt(p, token.strip(), class_word.strip()) for p in parsed.values()], list(parsed)
 
 
@@ -33,8 +39,8 @@ class SubjectScenePrompts:
                 "token": ("STRING", {"default": "sks", "tooltip": "The subject's trigger token, as trained."}),
                 "class_word": ("STRING", {"default": "man", "tooltip": "The subject's class, as trained."}),
                 "scenes": ("STRING", {"default": scenes_text(), "multiline": True, "tooltip":
-                           "One scene per line, 'name: prompt'. {token} and {class} are filled in; lines starting "
-                           "with # are skipped."}),
+                           "One scene per line, 'name: prompt'. {token} and {class} are filled in (other braces are "
+                           "refused); lines starting with # are skipped."}),
                 "negative": ("STRING", {"default": SEED_NEGATIVE, "multiline": True, "tooltip":
                              "The negative prompt for every scene."}),
             },

@@ -13,28 +13,15 @@ the file and function to change; the fix removes the mark. An output that alread
 checked below the matrix (refused, reused by the same run); resuming a killed run of the same
 config is in test_crash_safety.py.
 
-Node cases, to be added by the nodes' helper (same kinds of bad input reaching the ComfyUI
-nodes; each must show one-line error on the node, with the host still alive and earlier
-outputs intact):
-- Prepare Subject Dataset: missing / empty / unreadable folder; a folder of only unusable files
-  (text named .jpg, truncated JPEG, 0-byte PNG, .heic, decompression bomb); an empty IMAGE batch;
-  resolution not a multiple of 8; caption template with braces other than {token}/{class_word}.
-- Train Subject: a base that is SDXL, SD2, inpainting, a LoRA, a .ckpt, truncated or 0 bytes;
-  rank 0 or negative; steps 0; lr 0 or negative; batch size larger than the dataset; a dataset
-  with one usable image; output name with `../`, an absolute path (`/etc/x`, `C:\\x`) or
-  characters invalid on Windows (`<>:"|?*`), reserved names (CON, NUL); an output name that
-  already exists (refused without overwrite, reused for the same run, resumed after a kill);
-  class prompt with stray braces.
-- Load Subject LoRA: a LoRA for SDXL / SD2, malformed, NaN weights, a .pt/.ckpt/.bin name;
-  rank negative or above the trained rank.
-- Subject Scene Prompts: scene lines with braces other than {token}/{class}; an empty scene list.
-- Subject Fidelity: unreadable / decompression-bomb reference images; a CLIP path that is a .bin.
+The node cases (the same kinds of bad input reaching the ComfyUI nodes, in the real host) are in
+tests/comfyui/test_bad_input_nodes.py.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -188,6 +175,14 @@ def write_pickle(path: Path, marker: Path) -> Path:
     return path
 
 
+def hf_folder_with_only_bin(folder: Path, model_type: str, marker: Path) -> Path:
+    """A Hugging Face model folder whose only weights are a planted pytorch_model.bin (no model.safetensors)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    write_pickle(folder / "pytorch_model.bin", marker)
+    return folder
+
+
 def png_bomb(path: Path, side: int = 30000) -> Path:
     """A valid PNG of side x side black pixels (900 Mpx decoded), 4 MB on disk: zeros compress well."""
     path.write_bytes(_png_bomb_bytes(side))
@@ -315,11 +310,29 @@ def _bin_only_folder(d: Path) -> Path:
     return folder
 
 
-def _images(d: Path) -> Path:
+def generated_images(d: Path) -> Path:
+    """A folder holding one generated-looking picture, for `evaluate --images/--references`."""
     folder = d / "generated"
     folder.mkdir(exist_ok=True)
     Image.new("RGB", (64, 64), (120, 90, 60)).save(folder / "lora_r4_forest_0.png")
     return folder
+
+
+def _generate_over_earlier_images(d: Path, s: Shared) -> list:
+    """`generate` into `d/images` as an earlier run left it (seed 0), with an image of another seed."""
+    folder = _empty(d / "images")
+    for name in ("forest_0.png", "mountains_0.png", "forest_1.png"):
+        Image.new("RGB", (64, 64), (120, 90, 60)).save(folder / name)
+    return generate_argv(d)
+
+
+def _foreign_out(d: Path) -> list:
+    """A photo `me.jpg`, and an --out folder of the user's own files (no dataset.json) holding `me.png`/`me.txt`."""
+    photos = folder_with(d, "me.jpg", _copy_photo)
+    theirs = _empty(d / "my_set")
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(theirs / "me.png")
+    (theirs / "me.txt").write_text("my own caption")
+    return ["prepare", photos, "--out", theirs, "--resolution", "64", "--crop", "center"]
 
 
 SDXL_KEY = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
@@ -340,8 +353,8 @@ CASES = [
          lambda d, s: ["prepare", SUBJECT_PHOTOS, "--out", read_only(_empty(d / "locked_out")) / "ds"],
          ("locked_out", "choose a folder you can write to"), drop_dac=True),
     Case("evaluate/out-not-writable",
-         lambda d, s: ["evaluate", "--images", _images(d), "--references", _images(d), "--face-detector", "hog",
-                       "--out", read_only(_empty(d / "locked_out")) / "scores"],
+         lambda d, s: ["evaluate", "--images", generated_images(d), "--references", generated_images(d),
+                       "--face-detector", "hog", "--out", read_only(_empty(d / "locked_out")) / "scores"],
          ("locked_out", "choose a folder you can write to"), drop_dac=True),
     Case("prepare/folder-is-a-file", lambda d, s: ["prepare", _copy_photo(d / "photo.jpg"), "--out", d / "ds"],
          ("photo.jpg", "not a folder")),
@@ -437,6 +450,13 @@ CASES = [
     Case("lora-resize/output-exists",
          lambda d, s: ["lora", "resize", s.lora, "--rank", "2", "--out", write_lora(d / "keep.safetensors", rank=2)],
          ("keep.safetensors", "already exists")),
+    Case("generate/out-holds-earlier-images", _generate_over_earlier_images,
+         ("images", "forest_0.png, mountains_0.png", "--overwrite")),
+    Case("generate/out-is-a-file", lambda d, s: [*generate_argv(d), "--out", _write(d / "out.png", b"x")],
+         ("out.png", "is a file", "folder")),
+    Case("prepare/out-is-a-foreign-folder", lambda d, s: _foreign_out(d),
+         ("my_set", "no dataset.json", "me.png", "--overwrite"),
+         never_created=("my_set/dataset.json", "my_set/.prepare_unfinished", "my_set/contact_sheet.png")),
     Case("train/corrupt-checkpoint-on-resume", _corrupt_checkpoint,
          ("step_0000002.safetensors", "unreadable", "delete")),
     # ---- prompts
@@ -445,9 +465,14 @@ CASES = [
     Case("train/class-prompt-stray-braces",
          lambda d, s: train_argv(d, s, "--prior-preservation", "--class-prompt", "a photo of a {clss}", "--lr", "-1"),
          ("class_prompt", "{clss}")),
+    Case("class-images/prompt-stray-braces",
+         lambda d, s: ["class-images", "--base", "tiny", "--out", d / "class", "--num", "1", "--prompt",
+                       "a photo of a {clss}"],
+         ("class prompt", "{clss}")),
     # ---- evaluation inputs
     Case("evaluate/references-unreadable",
-         lambda d, s: ["evaluate", "--images", _images(d), "--references", locked(folder_with(d, "ref.jpg", _copy_photo)),
+         lambda d, s: ["evaluate", "--images", generated_images(d),
+                       "--references", locked(folder_with(d, "ref.jpg", _copy_photo)),
                        "--out", d / "scores"],
          ("photos", "cannot be read"), drop_dac=True),
 ]
@@ -546,3 +571,13 @@ def test_odd_images_are_kept_or_skipped_with_a_reason(tmp_path: Path):
     for name, reason in {"notes.jpg": "not an image", "broken.jpg": "truncated", "empty.png": "empty file (0 bytes)",
                          "clip.mp4": "not a supported image type", "bomb.png": "too many pixels"}.items():
         assert f"{name}: {reason}" in run.stdout, (name, run.stdout)
+
+
+def test_one_usable_photo_is_prepared_with_a_warning(tmp_path: Path):
+    """One usable photo trains (a warning, exit 0); none usable is refused (prepare/only-* above)."""
+    run = cli(["prepare", _one_usable(tmp_path), "--out", tmp_path / "ds", "--resolution", "64", "--crop", "center"])
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "Prepared 1 of 2 files" in run.stdout and "warning: only one usable photo" in run.stdout, run.stdout
+    assert "10-20 varied photos" in run.stdout
+    doc = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert len(doc["items"]) == 1 and any("only one usable photo" in w for w in doc["warnings"])

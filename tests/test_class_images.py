@@ -112,6 +112,20 @@ def test_bad_config_names_the_field(change, match):
         _cfg(**change).validate()
 
 
+@pytest.mark.parametrize("change,match", [({"prompt": "a photo of a {clss}"}, r"class prompt has \{clss\}"),
+                                          ({"prompt": "{token} {class}"}, r"class prompt has \{token\}"),
+                                          ({"negative": "blurry }"}, r"negative prompt has \}")])
+def test_braces_that_would_reach_the_model_are_refused(change, match):
+    with pytest.raises(UserError, match=match + ".*remove"):
+        _cfg(**change).validate()
+
+
+def test_class_is_filled_in_the_negative_too(tmp_path):
+    gen = CountingGenerator()
+    ensure_class_images(gen, "base-a", tmp_path, _cfg(num=1, negative="a drawing of a {class}"))
+    assert gen.calls[0]["negative"] == "a drawing of a dog"
+
+
 def test_real_tiny_pipeline_cache(tmp_path, tiny):
     """The lead's sampler on `tiny`: images at the asked size, deterministic, and cached."""
     from training.sampling import make_generator

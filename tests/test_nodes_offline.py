@@ -1,35 +1,22 @@
 """The node pack's pure helpers, without ComfyUI: imports, names, labels, prompts, grid layout."""
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from fixture_paths import ROOT, load_pack
 
-
-def _load_pack():
-    spec = importlib.util.spec_from_file_location("pack_offline", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-PACK = _load_pack()
+PACK = load_pack()
 from pack_offline.nodes import fidelity, grid, host, lora, prompts  # noqa: E402
 from pack_offline.nodes.train import mixed_precision  # noqa: E402
 
 
 def test_the_pack_imports_without_comfyui_and_without_torch():
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('p', {str(ROOT / '__init__.py')!r}, "
-            f"submodule_search_locations=[{str(ROOT)!r}])\n"
-            "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+            "from fixture_paths import load_pack\n"
+            "m = load_pack()\n"
             "heavy = [n for n in ('comfy', 'folder_paths', 'server', 'torch', 'diffusers') if n in sys.modules]\n"
             "print(len(m.NODE_CLASS_MAPPINGS), heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -66,11 +53,11 @@ def test_labels_from_text_or_from_a_linked_list():
     assert host.split_labels([""]) == [] and host.split_labels(None) == []
 
 
-def test_scene_prompts_fill_token_and_class_and_leave_other_braces():
-    scenes = "park: {token} {class} in a {park}\n# skipped\nsea: a {class}"
-    texts, names = prompts.scene_prompt_lists("zwx", "dog", scenes)
-    assert names == ["park", "sea"]
-    assert texts == ["zwx dog in a {park}", "a dog"]
+def test_scene_prompts_fill_token_and_class_and_refuse_other_braces():
+    texts, names = prompts.scene_prompt_lists("zwx", "dog", "park: {token} {class} in a park\n# skipped\nsea: a {class}")
+    assert names == ["park", "sea"] and texts == ["zwx dog in a park", "a dog"]
+    with pytest.raises(host.NodeError, match=r"scene 'park' has \{park\}"):
+        prompts.scene_prompt_lists("zwx", "dog", "park: {token} {class} in a {park}")
 
 
 def test_scene_prompts_default_is_the_seeds_three_scenes():

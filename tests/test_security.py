@@ -4,22 +4,21 @@ ComfyUI's folders, and decompression bombs are refused with a clear reason."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import pickle
 import re
 import shutil
 import struct
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from fixture_paths import ROOT, SUBJECT_PHOTOS
-from test_bad_input import cli, png_bomb, stderr_lines, write_lora, write_pickle
+from fixture_paths import ROOT, SUBJECT_PHOTOS, load_pack
+from test_bad_input import (cli, generated_images, hf_folder_with_only_bin, png_bomb, stderr_lines, write_lora,
+                             write_pickle)
 
 # ---------------------------------------------------------------- static: what the code may call
 
@@ -65,6 +64,15 @@ def test_no_unsafe_loader_or_eval_anywhere_in_the_pack():
 WEIGHT_LOADERS = re.compile(r"(Model|ModelWithProjection|AutoencoderKL|UNet2DConditionModel)$")
 
 
+def _keeps_safe_dict(value: ast.expr, safe_dicts: set[str]) -> bool:
+    """`**kw` or `**kw | {...}` where kw holds use_safetensors=True and the update does not name it."""
+    if isinstance(value, ast.BinOp) and isinstance(value.op, ast.BitOr) and isinstance(value.right, ast.Dict):
+        if any(k is None or "use_safetensors" in ast.unparse(k) for k in value.right.keys):
+            return False
+        value = value.left
+    return isinstance(value, ast.Name) and value.id in safe_dicts
+
+
 def test_every_from_pretrained_of_weights_insists_on_safetensors():
     """transformers/diffusers fall back to pytorch_model.bin (a pickle) unless told use_safetensors=True."""
     missing = []
@@ -81,7 +89,7 @@ def test_every_from_pretrained_of_weights_insists_on_safetensors():
             if not WEIGHT_LOADERS.search(receiver.split("[")[0]) and "classes" not in receiver:
                 continue  # tokenizers, configs and processors read JSON and text
             safe = any(k.arg == "use_safetensors" and ast.unparse(k.value) == "True" for k in node.keywords) or any(
-                k.arg is None and isinstance(k.value, ast.Name) and k.value.id in safe_dicts for k in node.keywords)
+                k.arg is None and _keeps_safe_dict(k.value, safe_dicts) for k in node.keywords)
             if not safe:
                 missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:100]}")
     assert not missing, "\n".join(missing)
@@ -120,21 +128,6 @@ def test_the_planted_pickle_would_run_if_unpickled(tmp_path):
     assert (tmp_path / "PWNED").exists()
 
 
-def _clip_folder_with_bin(d: Path, marker: Path) -> Path:
-    folder = d / "clip_bin"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
-    write_pickle(folder / "pytorch_model.bin", marker)
-    return folder
-
-
-def _small_images(d: Path) -> Path:
-    folder = d / "small_images"
-    folder.mkdir(exist_ok=True)
-    Image.new("RGB", (64, 64), (90, 120, 150)).save(folder / "lora_r4_forest_0.png")
-    return folder
-
-
 PICKLE_USES = {  # argv after `python -m training`, given (d, a maker of planted pickles, the marker)
     "info": lambda d, p, m: ["info", p(".pth")],
     "generate --base": lambda d, p, m: ["generate", "--base", p(".bin"), "--out", d / "img", "--steps", "1"],
@@ -149,14 +142,16 @@ PICKLE_USES = {  # argv after `python -m training`, given (d, a maker of planted
     "class-images --base": lambda d, p, m: ["class-images", "--base", p(".pt"), "--out", d / "cls", "--num", "1"],
     "train --base": lambda d, p, m: ["train", "--base", p(".ckpt"), "--instance-dir", SUBJECT_PHOTOS,
                                      "--output", d / "o.safetensors", "--steps", "1"],
-    "evaluate --clip file": lambda d, p, m: ["evaluate", "--images", _small_images(d), "--references", _small_images(d),
-                                             "--clip", p(".bin"), "--out", d / "ev", "--face-detector", "hog"],
+    "evaluate --clip file": lambda d, p, m: ["evaluate", "--images", generated_images(d), "--references",
+                                             generated_images(d), "--clip", p(".bin"), "--out", d / "ev",
+                                             "--face-detector", "hog"],
 }
 # what each error line must say besides the file's name: the conversion hint, or why it is not read
 SAYS = {"evaluate --clip folder": "model.safetensors", "pickle named .safetensors": "not a readable safetensors"}
 PICKLE_USES |= {
-    "evaluate --clip folder": lambda d, p, m: ["evaluate", "--images", _small_images(d), "--references",
-                                               _small_images(d), "--clip", _clip_folder_with_bin(d, m),
+    "evaluate --clip folder": lambda d, p, m: ["evaluate", "--images", generated_images(d), "--references",
+                                               generated_images(d), "--clip",
+                                               hf_folder_with_only_bin(d / "clip_bin", "clip_vision_model", m),
                                                "--out", d / "ev", "--face-detector", "hog"],
     "pickle named .safetensors": lambda d, p, m: ["lora", "info", p(".safetensors")],
 }
@@ -220,17 +215,6 @@ def test_lora_metadata_is_shown_as_text_never_run_or_used_as_a_path(tmp_path):
 # ---------------------------------------------------------------- output names stay in their folder
 
 
-def _host():
-    spec = importlib.util.spec_from_file_location("pack_security", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    from pack_security.nodes import host
-
-    return host
-
-
 TOO_LONG = pytest.param("x" * 300, id="300-chars")
 HOSTILE_NAMES = ["../x", "..\\x", "../../etc/passwd", "/etc/passwd", "C:\\Windows\\x", "C:x", "\\\\server\\share\\x",
                  "a/../../b", "sub/x", "x\x00y", "..", ".", "~/x", "$HOME", "%APPDATA%\\x", "con", "x:ads",
@@ -242,7 +226,9 @@ HOSTILE_NAMES = ["../x", "..\\x", "../../etc/passwd", "/etc/passwd", "C:\\Window
 def test_an_output_name_is_refused_or_stays_in_the_model_folder(name, tmp_path):
     from training.safe_io import file_name_problem
 
-    host = _host()
+    load_pack()
+    from pack_offline.nodes import host
+
     folder = tmp_path / "models" / "loras"
     folder.mkdir(parents=True)
     try:
@@ -262,6 +248,7 @@ def test_file_name_problem_flags_what_windows_refuses():
         assert file_name_problem(bad), bad
     for good in ["subject_lora.safetensors", "Ünïcode name (2).png", "a.b-c_d"]:
         assert file_name_problem(good) is None, good
+    assert file_name_problem("a\\b:c\n") == 'has characters that Windows does not allow in file names (\\n : \\)'
 
 
 # ---------------------------------------------------------------- decompression bombs

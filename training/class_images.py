@@ -22,6 +22,7 @@ from PIL import Image
 from .dataset import IMAGE_SUFFIXES
 from .errors import UserError
 from .progress import Progress, ProgressFn, no_progress
+from .prompts import stray_braces
 from .safe_io import atomic_save_image, atomic_write_text
 
 # (prompts, negative, seeds, resolution, steps, guidance) -> one image per prompt
@@ -34,7 +35,8 @@ _NAME = re.compile(r"^class_(\d+)\.png$")
 
 @dataclass
 class ClassImageConfig:
-    """What to generate; every field but `num` and `batch_size` is part of the cache key."""
+    """What to generate; every field but `num` and `batch_size` is part of the cache key. `{class}` in the
+    prompt and the negative becomes the class word; other braces are refused."""
 
     class_word: str = "man"
     prompt: str = "a photo of a {class_word}"
@@ -55,6 +57,13 @@ class ClassImageConfig:
             raise UserError(f"The class prompt must not be empty (e.g. 'a photo of a {{class_word}}'), got {self.prompt!r}.")
         if not isinstance(self.negative, str):
             raise UserError(f"The negative prompt must be text, got {self.negative!r}.")
+        for name, text in (("class prompt", self.prompt), ("negative prompt", self.negative)):
+            if "{token}" in text:
+                raise UserError(f"The {name} has {{token}}, but class images show the class, not the subject; "
+                                "remove it.")
+            if stray := stray_braces(text):
+                raise UserError(f"The {name} has {stray}, which is not filled in (only {{class}} is); "
+                                "remove the other braces.")
         for name, low in (("num", 0), ("steps", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -69,10 +78,17 @@ class ClassImageConfig:
 
     @property
     def class_prompt(self) -> str:
-        return self.prompt.replace("{class_word}", self.class_word.strip()).replace("{class}", self.class_word.strip())
+        return self._fill(self.prompt)
+
+    @property
+    def class_negative(self) -> str:
+        return self._fill(self.negative)
+
+    def _fill(self, text: str) -> str:
+        return text.replace("{class_word}", self.class_word.strip()).replace("{class}", self.class_word.strip())
 
     def cache_key(self, base_id: str) -> dict:
-        return {"base": base_id, "prompt": self.class_prompt, "negative": self.negative,
+        return {"base": base_id, "prompt": self.class_prompt, "negative": self.class_negative,
                 "resolution": self.resolution, "sampler": self.sampler, "steps": self.steps,
                 "guidance": float(self.guidance), "seed": self.seed}
 
@@ -129,7 +145,7 @@ def ensure_class_images(generate: GenerateFn, base_id: str, out_dir: str | Path,
     while done < missing:
         count = min(cfg.batch_size, missing - done)
         indices = list(range(next_index, next_index + count))
-        images = generate([prompt] * count, cfg.negative, [cfg.seed + i for i in indices],
+        images = generate([prompt] * count, cfg.class_negative, [cfg.seed + i for i in indices],
                           cfg.resolution, cfg.steps, float(cfg.guidance))
         if len(images) != count:
             raise RuntimeError(f"the generator returned {len(images)} images for {count} prompts")

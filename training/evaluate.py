@@ -294,8 +294,7 @@ def load_clip(path: str | os.PathLike | None) -> ClipScorer:
         with _quiet_transformers():
             model = classes[model_type].from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     except (OSError, ValueError) as e:
-        raise UserError(f"CLIP folder {path} could not be loaded ({_first_line(e)}); it needs "
-                        "config.json and model.safetensors.") from e
+        raise _unloadable_folder("CLIP", path, e) from e
     mean, std = CLIP_MEAN, CLIP_STD
     if (path / "preprocessor_config.json").is_file():
         pre = _read_json(path / "preprocessor_config.json")
@@ -382,9 +381,15 @@ def load_dino(path: str | os.PathLike | None) -> DinoScorer:
             else:
                 model = Dinov2Model.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"DINO folder {path} could not be loaded ({_first_line(e)}); it needs "
-                        "config.json and model.safetensors.") from e
+        raise _unloadable_folder("DINO", path, e) from e
     return DinoScorer(model.eval(), model.config.image_size, name=str(path))
+
+
+def _unloadable_folder(kind: str, path: Path, e: BaseException) -> UserError:
+    # only model.safetensors is read: a pytorch_model.bin is a pickle, which can run code when loaded
+    return UserError(f"{kind} folder {path} could not be loaded ({_first_line(e)}); save the model into it with "
+                     "save_pretrained(folder, safe_serialization=True), or pass a folder that has config.json "
+                     "and model.safetensors.")
 
 
 def _first_line(e: BaseException) -> str:

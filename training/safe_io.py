@@ -89,7 +89,7 @@ def file_name_problem(name: str) -> str | None:
         return "is not a name"
     bad = sorted({c for c in name if c in WINDOWS_INVALID})
     if bad:
-        shown = " ".join(repr(c)[1:-1] if c.isprintable() else f"\\x{ord(c):02x}" for c in bad)
+        shown = " ".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)  # as typed; \n escaped: one line
         return f"has characters that Windows does not allow in file names ({shown})"
     if name.split(".")[0].strip().upper() in WINDOWS_RESERVED:
         return f"is a reserved device name on Windows ({name.split('.')[0]})"
