@@ -253,6 +253,23 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_pat
     assert_same_weights(reference, out)
 
 
+def test_a_full_disk_at_the_final_save_keeps_the_last_step_and_rerunning_only_writes_the_output(
+        tmp_path, dataset, hooks, reference):
+    out = tmp_path / "subject.safetensors"
+    argv = train_argv(dataset, out)
+    full = run(argv, hooks, FAIL_SAVE_MATCH=f".{out.name}.")
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "error: The disk is full while writing" in full.stderr, full.stderr[-3000:]
+    kept = assert_checkpoints_whole(Path(f"{out}.run"))
+    assert kept[-1].name == f"step_{STEPS:07d}.safetensors" and load_checkpoint(kept[-1]).step == STEPS
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+    again = run(argv, hooks)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_weights(reference, out)
+    assert not list_checkpoints(Path(f"{out}.run"))  # the output supersedes them
+
+
 def test_killed_at_random_steps_five_times_ends_bitwise_equal(tmp_path, dataset, hooks, reference):
     """Each run kills itself (SIGKILL) at a random point: a random time into the step after a random step k,
     or half-way through writing checkpoint k+1. The kill never depends on how fast this test polls."""

@@ -109,6 +109,26 @@ def test_learning_is_real(dataset, tmp_path):
     assert after < 0.8 * before, f"instance loss {before:.4f} -> {after:.4f}"
 
 
+def test_an_fp16_base_kept_in_fp16_trains_the_same_lora_as_plain_fp32_layers(dataset, class_dir, tmp_path,
+                                                                            monkeypatch):
+    """The frozen UNet of a LoRA run stays in the precision the file stores it in (half the memory
+    for an fp16 file) and runs through frozen layers that keep no input for backward; the LoRA
+    must come out bit for bit as with the plain fp32 layers of the same file. Conv targets too."""
+    import training.train as train_module
+    from training.models import save_single_file
+
+    base = save_single_file(build_tiny(), tmp_path / "tiny_fp16.safetensors", dtype=torch.float16)
+    kw = dict(base=str(base), targets="attn+ff+conv", steps=4, save_every=0)
+    cfg = config(dataset, class_dir, tmp_path / "frozen.safetensors", **kw)
+    assert train_module._frozen_storage_dtype(cfg) == torch.float16
+    frozen = load_file(str(train(cfg).output))
+    monkeypatch.setattr(train_module, "freeze_base_layers", lambda *args: 0)
+    monkeypatch.setattr(train_module, "_frozen_storage_dtype", lambda cfg: torch.float32)
+    plain = load_file(str(train(config(dataset, class_dir, tmp_path / "plain.safetensors", **kw)).output))
+    assert len(frozen) > 200 and frozen.keys() == plain.keys()
+    assert [k for k in frozen if not torch.equal(frozen[k], plain[k])] == []
+
+
 def test_cancel_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(dataset, class_dir, tmp_path):
     reference = train(config(dataset, class_dir, tmp_path / "ref.safetensors", steps=8))
     out = tmp_path / "cancelled.safetensors"

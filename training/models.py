@@ -220,14 +220,38 @@ def build_tiny(seed: int = TINY_SEED) -> SDModel:
     return build_random("tiny", seed)
 
 
-def load_model(base: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SDModel:
-    """Load `tiny`, a single-file SD1.5 `.safetensors`, or a diffusers folder, offline."""
+def load_model(base: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               unet_dtype: torch.dtype | None = None) -> SDModel:
+    """Load `tiny`, a single-file SD1.5 `.safetensors`, or a diffusers folder, offline.
+    `unet_dtype` (default: `dtype`) lets a LoRA run keep the UNet at the precision it is stored in."""
+    unet_dtype = unet_dtype or dtype
     if str(base) == "tiny":
-        return build_tiny().to(dtype=dtype)
+        model = build_tiny().to(dtype=dtype)
+        torch.nn.Module.to(model.unet, dtype=unet_dtype)  # diffusers' .to warns about fp32-only modules, of which it has none
+        return model
     path = Path(base)
     if path.is_dir():
-        return _load_diffusers_folder(path, dtype)
-    return _load_single_file(path, dtype)
+        return _load_diffusers_folder(path, dtype, unet_dtype)
+    return _load_single_file(path, dtype, unet_dtype)
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_unet_dtype(base: str | os.PathLike) -> torch.dtype:
+    """The precision a base stores its UNet weights in (fp32 for `tiny`), read from headers only."""
+    if str(base) == "tiny":
+        return torch.float32
+    path = Path(base)
+    if path.is_dir():
+        files = sorted((path / "unet").glob("*.safetensors"))
+        if not files:
+            return torch.float32
+        with safe_open(str(files[0]), framework="pt") as f:
+            dtype = str(f.get_slice(next(iter(f.keys()))).get_dtype())
+    else:
+        dtype = inspect_checkpoint(path).dtype
+    return _DTYPES.get(dtype, torch.float32)
 
 
 @contextlib.contextmanager
@@ -242,7 +266,7 @@ def _quiet_diffusers():
         dlogging.set_verbosity(level)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> SDModel:
+def _load_single_file(path: Path, dtype: torch.dtype, unet_dtype: torch.dtype) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from safetensors.torch import load_file
@@ -250,14 +274,19 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> SDModel:
 
     info = inspect_checkpoint(path)
     folder = FAMILY_CONFIGS[info.family]
+    # load_file maps the file and reads a tensor when it is first used; a tensor loaded at the
+    # file's precision stays a view of that mapping, which lives while any view does. The UNet
+    # gets a mapping of its own, so pages the VAE and text encoder read go when they are released.
     checkpoint = load_file(str(path))
     common = dict(config=str(folder), local_files_only=True, torch_dtype=dtype)
     with _quiet_diffusers():  # it warns about fp32-only modules on every cast, listing none
-        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
         vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
         text_encoder = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, checkpoint, subfolder="text_encoder", config=str(folder), torch_dtype=dtype,
             local_files_only=True)
+        del checkpoint
+        checkpoint = load_file(str(path))
+        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common | {"torch_dtype": unet_dtype})
     del checkpoint
     scheduler = _scheduler_config(folder)
     if info.metadata.get("modelspec.prediction_type") == "v":
@@ -270,7 +299,7 @@ def _same_unet(a: dict, b: dict) -> bool:
     return all(list(a.get(k)) == list(b.get(k)) if isinstance(a.get(k), list) else a.get(k) == b.get(k) for k in keys)
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDModel:
+def _load_diffusers_folder(path: Path, dtype: torch.dtype, unet_dtype: torch.dtype) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -293,7 +322,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> SDModel:
         raise UserError(f"{path} has an unknown UNet layout ({unet_cfg.get('block_out_channels')}, context {context}); "
                         "pick an SD1.5 model.")
     kw = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw | {"torch_dtype": unet_dtype})
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
     tok_dir = path / "tokenizer"
@@ -323,12 +352,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def weights_sha256(model: SDModel) -> str:
-    """A content hash of the weights, for models that do not come from one file."""
+    """A content hash of the weights, for models that do not come from one file. Floating tensors
+    are hashed as fp32, so a UNet kept in its stored fp16 hashes as the same base."""
     digest = hashlib.sha256()
     for name, module in model.components().items():
         for key, tensor in sorted(module.state_dict().items()):
             digest.update(f"{name}.{key}".encode())
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            tensor = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -31,7 +31,8 @@ def estimate_memory(cfg: TrainConfig, model, resolution: int) -> MemoryEstimate:
     """Bytes the training loop will hold, from the real parameter counts of the model."""
     compute_bytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.components().items()}
-    weights = sum(counts.values()) * 4.0
+    # as loaded: a LoRA run keeps the frozen UNet in the precision the base stores it in
+    weights = float(sum(p.numel() * p.element_size() for m in model.components().values() for p in m.parameters()))
     if cfg.method == "dreambooth":
         trained = counts["unet"] + (counts["text_encoder"] if cfg.train_text_encoder else 0)
     else:  # a LoRA adds about rank * (in + out) per adapted layer: a few per mille of the UNet

@@ -5,6 +5,7 @@ up what is trained, then loop; checkpoints, validation and logging are calls out
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .errors import UserError
+from .frozen import freeze_base_layers
 from .models import SDModel, load_model
 from .progress import Progress, ProgressFn, no_progress
 from .resources import is_out_of_memory, lower_settings, memory_warning
@@ -74,7 +76,11 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                               cpu=not torch.cuda.is_available())
     owned = model is None
-    model = (model or load_model(cfg.base)).to(accelerator.device)
+    storage = _frozen_storage_dtype(cfg)
+    model = (model or load_model(cfg.base, unet_dtype=storage)).to(accelerator.device)
+    if cfg.method == "lora":  # the base UNet never changes: store it as it came, compute in fp32
+        model.unet.requires_grad_(False)
+        freeze_base_layers(model.unet, storage, torch.float32)
     resolution = cfg.resolution or model.resolution
     warning = memory_warning(cfg, model, resolution, accelerator.device)
     if warning:
@@ -98,11 +104,13 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
     step = state.step if state else 0
     started, first_step = time.perf_counter(), step
 
+    def train_state() -> ckpt.TrainState:
+        return ckpt.TrainState(step, trainable.state(), optimizer.state_dict(), scheduler.state_dict(), losses,
+                               cfg.to_json(), fingerprint)
+
     def save_checkpoint() -> None:
         if accelerator.is_main_process and step > 0:
-            ckpt.save_checkpoint(cfg.run_path, ckpt.TrainState(step, trainable.state(), optimizer.state_dict(),
-                                                               scheduler.state_dict(), losses, cfg.to_json(),
-                                                               fingerprint))
+            ckpt.save_checkpoint(cfg.run_path, train_state())
         accelerator.wait_for_everyone()
 
     unet.train()
@@ -150,10 +158,29 @@ def train(cfg: TrainConfig, progress: ProgressFn = no_progress, should_cancel: C
                         f"command; {lower_settings(cfg, resolution)}.") from None
     output = None
     if accelerator.is_main_process:
-        output = _write_output(cfg, model, accelerator.unwrap_model(unet), losses, fingerprint)
+        try:
+            output = _write_output(cfg, model, accelerator.unwrap_model(unet), losses, fingerprint)
+        except (UserError, OSError):
+            # a full disk: keep the finished steps, so the same command only writes the output
+            # (a LoRA checkpoint is small; a DreamBooth one may not fit either, then the last one stands)
+            with contextlib.suppress(UserError, OSError):
+                ckpt.save_checkpoint(cfg.run_path, train_state())
+            raise
         ckpt.remove_checkpoints(cfg.run_path)  # the output supersedes them (a DreamBooth one is GBs)
     accelerator.wait_for_everyone()
     return TrainResult(output, step, losses[-1]["loss"] if losses else None, run_dir=cfg.run_path, losses=losses)
+
+
+def _frozen_storage_dtype(cfg: TrainConfig) -> torch.dtype:
+    """What a LoRA run keeps the frozen UNet layers in: the half precision it computes in, else
+    the precision the base stores them in (upcasting fp16 is exact: the loss is the same)."""
+    if cfg.method != "lora":
+        return torch.float32  # DreamBooth trains every weight: fp32 master copies from the start
+    if cfg.mixed_precision in ("fp16", "bf16"):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    from .models import stored_unet_dtype
+
+    return stored_unet_dtype(cfg.base)
 
 
 def _last_checkpoint(cfg: TrainConfig) -> str:
@@ -394,15 +421,19 @@ def _setup_trainable(cfg: TrainConfig, model: SDModel) -> Trainable:
     if cfg.method == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        torch.manual_seed(cfg.seed)  # LoRA down-weights start random, up-weights at zero
-        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                          target_modules=TARGETS[cfg.targets]))
+        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=TARGETS[cfg.targets]))
         if cfg.train_text_encoder:
-            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                               target_modules=TEXT_TARGETS), model.text_encoder)
+            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=TEXT_TARGETS),
+                                    model.text_encoder)
+        generator = torch.Generator().manual_seed(cfg.seed)
         for module in (model.unet, model.text_encoder):
             for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name and (module is model.unet or cfg.train_text_encoder))
+                trained = "lora_" in name and (module is model.unet or cfg.train_text_encoder)
+                p.requires_grad_(trained)
+                if trained:  # down-weights ~ N(0, 1/rank) in fp32 whatever the base's precision, up-weights 0
+                    init = torch.randn(p.shape, generator=generator) / cfg.rank if "lora_A" in name else \
+                        torch.zeros(p.shape)
+                    p.data = init.to(p.device)
     else:
         model.unet.requires_grad_(True)
         model.text_encoder.requires_grad_(cfg.train_text_encoder)

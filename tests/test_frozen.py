@@ -1,0 +1,140 @@
+"""Frozen base layers (training/frozen.py): the same numbers as plain layers, less kept for backward."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from training.frozen import FrozenConv2d, FrozenLinear, freeze_base_layers
+from training.models import build_tiny
+from training.train_config import TARGETS
+
+LAYERS = {
+    "linear": (lambda: torch.nn.Linear(24, 40), (2, 7, 24)),
+    "conv3x3": (lambda: torch.nn.Conv2d(256, 16, 3, padding=1), (2, 256, 9, 9)),
+    "conv-stride2": (lambda: torch.nn.Conv2d(256, 16, 3, stride=2, padding=1), (2, 256, 9, 9)),
+    "conv1x1-no-bias": (lambda: torch.nn.Conv2d(256, 16, 1, bias=False), (2, 256, 5, 5)),
+}
+
+
+def saved_bytes(fn, x) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for backward while running fn(x), counting each storage once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    return sum(seen.values()), y
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_a_frozen_layer_gives_the_plain_layers_output_and_input_gradient_bit_for_bit(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    plain = make().requires_grad_(False)
+    frozen = copy.deepcopy(plain)
+    # in one precision a Linear stays plain: it keeps only its weight for backward already
+    assert freeze_base_layers(frozen, torch.float32, torch.float32) == (0 if kind == "linear" else 1)
+    x = torch.randn(shape, requires_grad=True)
+    y_plain, y_frozen = plain(x), frozen(x)
+    grad = torch.randn_like(y_plain)
+    assert torch.equal(y_plain, y_frozen)
+    assert torch.equal(torch.autograd.grad(y_plain, x, grad)[0], torch.autograd.grad(y_frozen, x, grad)[0])
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_fp16_storage_computes_in_fp32_exactly_as_an_fp32_copy_of_the_fp16_weights(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(1)
+    reference = make().requires_grad_(False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())  # the values an fp16 file holds
+    frozen = copy.deepcopy(reference)
+    freeze_base_layers(frozen, torch.float16, torch.float32)
+    assert frozen.weight.dtype == torch.float16
+    x = torch.randn(shape, requires_grad=True)
+    y = frozen(x)
+    assert y.dtype == torch.float32 and torch.equal(y, reference(x))
+    grad = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(reference(x), x, grad)[0])
+
+
+def test_a_frozen_conv_keeps_only_its_weight_for_backward():
+    conv = torch.nn.Conv2d(256, 32, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 256, 32, 32, requires_grad=True)
+    plain, _ = saved_bytes(conv, x)
+    freeze_base_layers(conv, torch.float32, torch.float32)
+    frozen, _ = saved_bytes(conv, x)
+    weight = conv.weight.numel() * 4
+    assert plain >= x.numel() * 4 + weight  # PyTorch keeps the input although the weight takes no gradient
+    assert frozen == weight
+
+
+def test_a_trainable_weight_in_a_frozen_twin_still_gets_its_gradient():
+    """peft builds a LoRA's conv factors with the class of the layer it wraps."""
+    layer = FrozenConv2d(4, 2, 1, bias=False)
+    x = torch.randn(1, 4, 3, 3)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    linear = FrozenLinear(4, 2)
+    linear(torch.randn(3, 4)).sum().backward()
+    assert linear.weight.grad is not None
+
+
+def test_under_autocast_a_frozen_layer_computes_in_the_autocast_precision():
+    torch.manual_seed(2)
+    plain = torch.nn.Linear(16, 16).requires_grad_(False)
+    frozen = copy.deepcopy(plain)
+    freeze_base_layers(frozen, torch.bfloat16, torch.float32)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y_frozen = plain(x), frozen(x)
+    assert y_frozen.dtype == torch.bfloat16
+    assert torch.allclose(y_plain.float(), y_frozen.float(), atol=2e-2)
+    y_frozen.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_the_tiny_unet_with_a_lora_swaps_every_frozen_layer_and_keeps_norms_in_fp32():
+    unet = build_tiny().unet.requires_grad_(False)
+    plain_layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in unet.modules())
+    assert freeze_base_layers(unet, torch.float16, torch.float32) == plain_layers - 1  # all but conv_in
+    assert unet.dtype == torch.float32  # what diffusers' pipelines cast their inputs to
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS["attn+ff+conv"]))
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm) and module.weight is not None:
+            assert module.weight.dtype == torch.float32, name
+        if type(module) in (FrozenLinear, FrozenConv2d) and "lora_" not in name:
+            assert module.weight.dtype == torch.float16 and not module.weight.requires_grad, name
+    out = unet(torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 77, 32)).sample
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_in_one_precision_only_wide_convolutions_are_swapped():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(4, 256, 1), torch.nn.Conv2d(256, 256, 3),
+                                torch.nn.Conv2d(64, 64, 3), torch.nn.Linear(256, 256)).requires_grad_(False)
+    assert freeze_base_layers(model, torch.float32, torch.float32) == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "Conv2d", "FrozenConv2d", "Conv2d", "Linear"]
+    assert freeze_base_layers(model, torch.float16, torch.float32) == 3  # casting: all but the first layer
+    assert [type(m).__name__ for m in model] == ["Linear", "FrozenConv2d", "FrozenConv2d", "FrozenConv2d",
+                                                 "FrozenLinear"]
+
+
+def test_a_base_kept_in_fp16_hashes_as_the_same_base():
+    """Class-image caches and the output's base_sha256 must not depend on the storage precision."""
+    from training.models import weights_sha256
+
+    model = build_tiny()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.copy_(p.half().float())  # the values an fp16 file holds
+    before = weights_sha256(model)
+    model.unet.requires_grad_(False)
+    freeze_base_layers(model.unet, torch.float16, torch.float32)
+    torch.nn.Module.to(model.unet.down_blocks, dtype=torch.float16)
+    assert any(p.dtype == torch.float16 for p in model.unet.parameters())
+    assert weights_sha256(model) == before
