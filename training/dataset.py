@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import UserError
+from .errors import UserError, name_list
 from .progress import Progress, ProgressFn, no_progress
 from .safe_io import atomic_save_image, atomic_write_text
 
@@ -181,10 +181,10 @@ class DatasetReport:
             missed = [r.source for r in self.items if not r.face_found]
             line = f"  faces found: {self.faces_found} of {self.kept}"
             if missed:
-                line += f"; center crop instead for: {_listing(missed, max_listed)}"
+                line += f"; center crop instead for: {name_list(missed, max_listed)}"
             lines.append(line)
         if self.upscaled:
-            lines.append(f"  upscaled (smaller than {cfg.resolution} px): {_listing([r.source for r in self.upscaled], max_listed)}")
+            lines.append(f"  upscaled (smaller than {cfg.resolution} px): {name_list([r.source for r in self.upscaled], max_listed)}")
         sidecars = sum(1 for r in self.items if r.caption_source == "sidecar")
         if sidecars:
             lines.append(f"  captions from .txt files: {sidecars}")
@@ -198,11 +198,6 @@ class DatasetReport:
                 lines.append(f"    ... and {len(self.skipped) - max_listed} more (listed in {DATASET_JSON})")
         lines.append(f"  check the crops: {self.contact_sheet}  ({self.seconds:.1f} s)")
         return "\n".join(lines)
-
-
-def _listing(names: list[str], limit: int) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 @dataclass
@@ -701,8 +696,8 @@ def _refuse_foreign_files(out: Path, sources: list[_Source], cfg: PrepareConfig)
             names += [source.stem + FLIP_SUFFIX + ".png", source.stem + FLIP_SUFFIX + ".txt"]
     taken = [name for name in names if (out / name).exists()]
     if taken:
-        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-        raise UserError(f"The output folder {out} has no {DATASET_JSON} from prepare but already holds {shown}, "
+        raise UserError(f"The output folder {out} has no {DATASET_JSON} from prepare but already holds "
+                        f"{name_list(taken)}, "
                         "which prepare would overwrite; choose an empty or new folder for --out, "
                         "or pass --overwrite to replace them.")
 

@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and how messages list names."""
 
 
 class UserError(Exception):
@@ -10,3 +10,9 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def name_list(names: list[str], limit: int = 3) -> str:
+    """`a, b, c (+2 more)`: the first `limit` names, for a message that must stay one line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

@@ -93,23 +93,30 @@ _FROZEN = {torch.nn.Linear: FrozenLinear, torch.nn.Conv2d: FrozenConv2d}
 MIN_CONV_CHANNELS = 256
 
 
+def _twin(layer: torch.nn.Module, casting: bool) -> type | None:
+    """The frozen class `layer` becomes, or None where it stays as it is."""
+    frozen = _FROZEN.get(type(layer))
+    if frozen is None or any(p.requires_grad for p in layer.parameters(recurse=False)):
+        return None
+    if frozen is FrozenConv2d and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return None  # conv2d_input takes numeric zero padding only
+    if not casting and (frozen is FrozenLinear or layer.in_channels < MIN_CONV_CHANNELS):
+        return None  # nothing to cast: swap only where it saves memory worth a Python call per run
+    return frozen
+
+
 def freeze_base_layers(module: torch.nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
     """Swap every frozen Linear / zero-padded Conv2d of `module` for its frozen twin with weights in
     `storage_dtype`; every other floating parameter and buffer goes to `compute_dtype` (norms
     and embeddings are small, and their kernels want the input's precision). Returns the count
     of swapped layers. In a model, the layer of the first parameter stays plain, in `compute_dtype`:
     diffusers takes a model's dtype from its first parameter and casts pipeline inputs to it."""
-    first = None if type(module) in _FROZEN else \
-        next((m for m in module.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    owners = (m for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+    first = next(owners, None) if type(module) not in _FROZEN else None
     swapped = 0
     for layer in module.modules():
-        frozen = _FROZEN.get(type(layer)) if layer is not first else None
-        if storage_dtype == compute_dtype and (frozen is FrozenLinear or frozen is FrozenConv2d
-                                               and layer.in_channels < MIN_CONV_CHANNELS):
-            frozen = None  # nothing to cast: swap only where it saves memory worth a Python call per run
-        trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
-        if frozen is not None and not trainable and getattr(layer, "padding_mode", "zeros") == "zeros" \
-                and not isinstance(getattr(layer, "padding", 0), str):
+        frozen = _twin(layer, casting=storage_dtype != compute_dtype) if layer is not first else None
+        if frozen is not None:
             layer.__class__ = frozen
             for p in layer.parameters(recurse=False):
                 p.data = _cast(p.data, storage_dtype)
@@ -122,4 +129,3 @@ def freeze_base_layers(module: torch.nn.Module, storage_dtype: torch.dtype, comp
             if b.is_floating_point():
                 setattr(layer, name, _cast(b, compute_dtype))
     return swapped
-

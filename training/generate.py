@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, name_list
 from .models import SDModel, load_model
 from .progress import ProgressFn, no_progress
 from .safe_io import atomic_save_image
@@ -80,8 +80,7 @@ def check_outputs(req: GenerateRequest) -> None:
         raise UserError(f"--out {out} is a file; pick a folder for the images.")
     existing = [p.name for p in output_paths(req) if p.exists()]
     if existing and not req.overwrite:
-        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise UserError(f"--out {out} already holds {shown}; pick another --out folder, "
+        raise UserError(f"--out {out} already holds {name_list(existing)}; pick another --out folder, "
                         "or pass --overwrite to replace them.")
 
 
