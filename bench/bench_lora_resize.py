@@ -4,7 +4,7 @@ A rank-128 LoRA on every attention and feed-forward linear of the full SD1.5 UNe
 layers) is written as a kohya fp16 file, then resized to rank 8 by each method in its own
 fresh process (so neither inherits the other's freed memory):
 
-- ours: `training.lora_format.resize` (QR of the factors, SVD of the r x r core, layers of
+- ours: `training.lora.resize` (QR of the factors, SVD of the r x r core, layers of
   one shape batched);
 - reference: kohya's `resize_lora.py` method: merge `up @ down` in float32, `torch.linalg.svd`
   of the m x n product, truncate.
@@ -37,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from training import lora_format as lf  # noqa: E402
+from training import lora as lf  # noqa: E402
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.dataset import PrepareConfig, prepare_dataset  # noqa: E402
+from training.data import PrepareConfig, prepare_dataset  # noqa: E402
 
 SUBJECT = ROOT / "training" / "sample_data" / "subject"
 

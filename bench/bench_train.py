@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 # Both loops get the same thread count; one thread keeps the ratio stable when other work shares
@@ -35,12 +36,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def reference_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: int, seed: int = 0) -> dict:
-    """Each step as train_dreambooth_lora.py does it: open and transform one instance and one class
-    image and tokenize their prompts (its DreamBoothDataset.__getitem__), encode the images with
-    the VAE and the prompts with the text encoder, one UNet step, clip the gradient norm to 1.0,
-    step the optimizer and the (constant) LR schedule. It skips accelerate, which would only add
-    to its time."""
+def reference_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: int, seed: int = 0, *,
+                   method: str = "lora", rank: int = 4, batch: int = 1, device: str = "cpu",
+                   mixed_precision: str = "no", gradient_checkpointing: bool = False,
+                   on_step: Callable[[int], None] | None = None) -> dict:
+    """Each step as diffusers' train_dreambooth_lora.py (method "lora") or train_dreambooth.py
+    ("dreambooth") does it: open and transform `batch` instance and `batch` class images and
+    tokenize their prompts (its DreamBoothDataset.__getitem__, no worker processes), encode the
+    images with the VAE and the prompts with the text encoder, one UNet step under autocast, clip
+    the gradient norm to 1.0, step the optimizer and the (constant) LR schedule, read the loss.
+    With --mixed_precision the frozen weights are cast to that precision and the trained ones stay
+    fp32 (the LoRA script upcasts its adapters only for fp16; fp32 here, as ours trains them). It
+    skips accelerate, which would only add to its time. `on_step(step)` is called after each step."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -50,11 +57,13 @@ def reference_loop(base: str, dataset: Path, class_dir: Path, resolution: int, s
     from PIL import Image, ImageOps
     from safetensors.torch import save_file
 
-    from training.dataset import load_dataset
+    from training.data import load_dataset
+    from training.examples import to_tensor
     from training.models import load_model
-    from training.train import _to_tensor
 
     started = time.perf_counter()
+    device = torch.device(device)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     model = load_model(base)
     data = load_dataset(dataset)
     instance_paths = [i.image for i in data.items]
@@ -62,45 +71,65 @@ def reference_loop(base: str, dataset: Path, class_dir: Path, resolution: int, s
     prompts = [data.instance_prompt, "a photo of a man"]
     for m in model.components().values():
         m.requires_grad_(False)
+    for m in (model.vae, model.text_encoder):
+        torch.nn.Module.to(m, device=device, dtype=weight_dtype)
     torch.manual_seed(seed)
-    model.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    if method == "lora":
+        torch.nn.Module.to(model.unet, device=device, dtype=weight_dtype)
+        model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    else:
+        torch.nn.Module.to(model.unet, device=device, dtype=torch.float32)
+        model.unet.requires_grad_(True)
+        params = list(model.unet.parameters())
+    if gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-4 if method == "lora" else 2e-6, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant", optimizer)
     schedule = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if k != "_class_name"})
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # which images (the data loader's shuffle)
+    noise_g = torch.Generator(device).manual_seed(seed)
 
     def example(paths: list[Path], prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(paths[int(torch.randint(len(paths), (1,), generator=g))]) as image:
-            pixels = _to_tensor(ImageOps.exif_transpose(image).convert("RGB"), resolution)
+            pixels = to_tensor(ImageOps.exif_transpose(image).convert("RGB"), resolution)
         ids = model.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
                               return_tensors="pt").input_ids
         return pixels, ids[0]
 
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=mixed_precision != "no")
     model.unet.train()
     loop_start = time.perf_counter()
-    for _ in range(steps):
-        (pixels_i, ids_i), (pixels_c, ids_c) = example(instance_paths, prompts[0]), example(class_paths, prompts[1])
-        pixels, ids = torch.stack([pixels_i, pixels_c]), torch.stack([ids_i, ids_c])
+    for step in range(steps):
+        examples = [example(instance_paths, prompts[0]) for _ in range(batch)] + \
+                   [example(class_paths, prompts[1]) for _ in range(batch)]
+        pixels = torch.stack([p for p, _ in examples]).to(device, weight_dtype)
+        ids = torch.stack([i for _, i in examples]).to(device)
         with torch.no_grad():
-            latents = model.vae.encode(pixels).latent_dist.sample(g) * model.vae.config.scaling_factor
+            latents = model.vae.encode(pixels).latent_dist.sample(noise_g) * model.vae.config.scaling_factor
             context = model.text_encoder(ids)[0]
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, 1000, (2,), generator=g)
-        pred = model.unet(schedule.add_noise(latents, noise, t), t, context).sample
-        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = per[0] + per[1]
+        noise = torch.randn(latents.shape, generator=noise_g, device=device, dtype=latents.dtype)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=noise_g, device=device)
+        with autocast:
+            pred = model.unet(schedule.add_noise(latents, noise, t), t, context).sample
+        instance, prior = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).chunk(2)
+        loss = instance.mean() + prior.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the scripts log the loss every step
+        if on_step:
+            on_step(step + 1)
     loop_s = time.perf_counter() - loop_start
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model.unet).items()},
-              str(dataset.parent / "reference_lora.safetensors"))
+    if method == "lora":
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model.unet).items()},
+                  str(dataset.parent / "reference_lora.safetensors"))
     return {"loop_s": loop_s, "total_s": time.perf_counter() - started}
 
 
@@ -117,7 +146,7 @@ def our_loop(base: str, dataset: Path, class_dir: Path, resolution: int, steps: 
 
     cfg = TrainConfig(base=base, instance_dir=str(dataset), output=str(out), steps=steps + 1, rank=4,
                       resolution=resolution, num_class_images=len(list(class_dir.rglob("class_*.png"))),
-                      class_dir=str(class_dir), save_every=0, overwrite=True, resume=False)
+                      prior_preservation=True, class_dir=str(class_dir), save_every=0, overwrite=True, resume=False)
     train(cfg, progress=progress)
     end = time.perf_counter()
     # steps after the first one, to leave out the first step's one-off costs as the reference does
@@ -149,8 +178,8 @@ def measure(kind: str, base: str, dataset: Path, class_dir: Path, resolution: in
 
 def setup(work: Path, base: str, resolution: int, num_class: int) -> tuple[Path, Path]:
     """Prepare the bundled photos and the class images once, outside any measurement."""
-    from training.class_images import ClassImageConfig, ensure_class_images
-    from training.dataset import PrepareConfig, prepare_dataset
+    from training.data import ClassImageConfig, ensure_class_images
+    from training.data import PrepareConfig, prepare_dataset
     from training.models import load_model
     from training.sampling import make_generator
 

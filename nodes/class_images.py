@@ -11,7 +11,7 @@ PREVIEW_LIMIT = 16  # the IMAGE output shows at most this many; the folder holds
 
 def class_images_info(folder, prompt: str, class_word: str, resolution: int, limit: int | None = None) -> dict:
     """What flows along a CLASS_IMAGES link; the trainer uses the first `count` images of the folder."""
-    from ..training.class_images import list_images
+    from ..training.data import list_images
 
     count = len(list_images(folder))
     return {"folder": str(folder), "count": min(count, limit) if limit else count, "prompt": prompt,
@@ -90,7 +90,7 @@ class SubjectClassImages:
              images=None, unique_id=None):
         from PIL import Image
 
-        from ..training.class_images import ClassImageConfig, ensure_class_images, list_images
+        from ..training.data import ClassImageConfig, ensure_class_images, list_images
         from ..training.models import file_sha256
         from ..training.safe_io import atomic_save_image
 

@@ -22,7 +22,7 @@ def dataset_crops(dataset: dict, limit: int | None = None) -> list:
     """The prepared crops (not their mirror copies) as PIL images."""
     from PIL import Image
 
-    from ..training.dataset import load_dataset
+    from ..training.data import load_dataset
 
     with user_errors():
         items = [item for item in load_dataset(dataset["folder"]).items if not item.flipped]
@@ -43,6 +43,19 @@ def photo_dataset_folder(source: Path, settings: tuple) -> Path:
     return output_folder("datasets", f"{slug(source.name, 'photos')}_{short_hash(str(source), settings)}")
 
 
+def _mask_pils(masks) -> list:
+    """A ComfyUI MASK batch [B, H, W] (or one [H, W]) in 0..1 -> gray PIL images, white = 1."""
+    from PIL import Image
+
+    array = masks.detach().cpu().float()
+    array = array[None] if array.ndim == 2 else array
+    return [Image.fromarray(m, "L") for m in (array.clamp(0, 1) * 255.0).round().byte().numpy()]
+
+
+def _mask_hash(masks) -> str:
+    return hashlib.sha256(b"".join(m.tobytes() for m in _mask_pils(masks))).hexdigest()[:12]
+
+
 class PrepareSubjectDataset:
     DESCRIPTION = ("Crops the subject's photos to squares (around the face, the centre, or padded), writes a caption "
                    "with the trigger token for each, and reports what it did. Prepared datasets are kept under "
@@ -60,8 +73,9 @@ class PrepareSubjectDataset:
         return {
             "required": {
                 "folder": ("STRING", {"default": "subject", "tooltip":
-                           "The folder of the subject's photos (about 15): relative to ComfyUI's input/ folder, "
-                           "or an absolute path. Ignored when images are connected. A .txt file beside a photo is "
+                           "The folder of the subject's photos (about 15), by its name in ComfyUI's input/ folder. "
+                           "Absolute paths work on a server that listens on this machine only, or with "
+                           "DREAMBOOTH_ALLOW_ANY_PATH=1. Ignored when images are connected. A .txt file beside a photo is "
                            "its caption."}),
                 "token": ("STRING", {"default": "sks", "tooltip":
                           "The rare word that will name the subject in prompts, e.g. 'sks'."}),
@@ -78,6 +92,10 @@ class PrepareSubjectDataset:
             "optional": {
                 "images": ("IMAGE", {"tooltip":
                            "Photos as an image batch instead of a folder (e.g. from Load Image)."}),
+                "masks": ("MASK", {"tooltip":
+                          "One mask per connected image, 1 (white) on the subject: the subject region that "
+                          "Train Subject's background_weight weights against. Without it, the face grown to "
+                          "head and shoulders is the region (in a folder: a photo's <name>_mask.png)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -95,8 +113,8 @@ class PrepareSubjectDataset:
         except Exception:  # noqa: BLE001 - a bad folder is reported when the node runs
             return float("nan")
 
-    def prepare(self, folder, token, class_word, resolution, crop, flip, images=None, unique_id=None):
-        from ..training.dataset import PrepareConfig, prepare_dataset, prepare_from_images
+    def prepare(self, folder, token, class_word, resolution, crop, flip, images=None, masks=None, unique_id=None):
+        from ..training.data import PrepareConfig, prepare_dataset, prepare_from_images
 
         cfg = PrepareConfig(token=token.strip(), class_word=class_word.strip(), resolution=resolution,
                             crop=crop, flip=flip)
@@ -106,9 +124,14 @@ class PrepareSubjectDataset:
         # so whatever is there (a run killed halfway included) is ours to replace, never the user's
         with user_errors():
             cfg.validate()
+            if masks is not None and images is None:
+                raise NodeError("masks are connected but images are not; connect the images the masks belong to "
+                                "(one mask per image), or disconnect the masks.")
             if images is not None:
-                out = output_folder("datasets", f"images_{short_hash(image_hash(images), settings)}")
-                report = prepare_from_images(tensor_to_pils(images), out, cfg, progress, overwrite=True)
+                key = (image_hash(images), settings) + ((_mask_hash(masks),) if masks is not None else ())
+                out = output_folder("datasets", f"images_{short_hash(*key)}")
+                report = prepare_from_images(tensor_to_pils(images), out, cfg, progress, overwrite=True,
+                                             masks=_mask_pils(masks) if masks is not None else None)
             else:
                 if not str(folder).strip():
                     raise NodeError("folder is empty; give the folder of the subject's photos "

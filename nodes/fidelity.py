@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import re
 
+from ..training.eval import DEFAULT_FACE_DETECTOR, FACE_DETECTORS
 from .dataset import SUBJECT_DATASET, dataset_crops
 from .grid import image_inputs, image_rows, more_image_inputs
-from .host import (CATEGORY, NONE_CHOICE, HostProgress, model_choices, model_file, pils_to_tensor,
-                   save_temp_image, split_labels, user_errors)
-
-FACE_DETECTORS = ["hog+cnn", "hog", "cnn"]
+from .host import (CATEGORY, DINO_FOLDER, NONE_CHOICE, HostProgress, model_choices, model_file, model_folder,
+                   pils_to_tensor, save_temp_image, split_labels, user_errors)
 
 
 def method_and_rank(label: str) -> tuple[str, int | None]:
@@ -22,7 +21,7 @@ def method_and_rank(label: str) -> tuple[str, int | None]:
 
 def eval_images(rows: list[list], row_labels: list[str], scene_names: list[str], prompts: list[str]) -> list:
     """One `EvalImage` per tile: method/rank from its row label, scene and prompt from its column."""
-    from ..training.evaluate import EvalImage
+    from ..training.eval.run import EvalImage
 
     out = []
     for r, row in enumerate(rows):
@@ -66,7 +65,7 @@ class SubjectFidelity:
                 "row_labels": ("STRING", {"default": "", "multiline": True, "tooltip":
                                "One label per row, comma- or newline-separated; 'lora r16' is read as method lora, "
                                "rank 16."}),
-                "face_detector": (FACE_DETECTORS, {"default": "hog+cnn", "tooltip":
+                "face_detector": (list(FACE_DETECTORS), {"default": DEFAULT_FACE_DETECTOR, "tooltip":
                                   "dlib's detector: hog is fast, cnn finds more faces (slow on a CPU), hog+cnn "
                                   "tries cnn where hog finds none."}),
             },
@@ -78,8 +77,10 @@ class SubjectFidelity:
                 "clip_vision": (model_choices("clip_vision", none=True), {"tooltip":
                                 "A CLIP vision model from models/clip_vision for CLIP-I; (none) = not scored."}),
                 "dino_folder": ("STRING", {"default": "", "tooltip":
-                                "A local Hugging Face folder of facebook/dino-vits16 for DINO; empty = not "
-                                "scored."}),
+                                "A local Hugging Face folder of facebook/dino-vits16 for DINO, by its name in "
+                                "ComfyUI's models/dino folder (e.g. dino-vits16); empty = not scored. Absolute "
+                                "paths work on a server that listens on this machine only, or with "
+                                "DREAMBOOTH_ALLOW_ANY_PATH=1."}),
                 **more_image_inputs("Another row: the images of the next model."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -87,15 +88,16 @@ class SubjectFidelity:
 
     def evaluate(self, images, dataset, row_labels, face_detector, prompts=None, scene_names=None,
                  clip_vision=None, dino_folder=None, unique_id=None, **more):
-        from ..training.evaluate import evaluate_images
+        from ..training.eval.run import evaluate_images
 
         dataset, face_detector = _one(dataset), _one(face_detector)
         clip_name, dino = _one(clip_vision, NONE_CHOICE), (_one(dino_folder, "") or "").strip()
         rows = image_rows(image_inputs(images, more), len(scene_names or []) or None)
         tiles = eval_images(rows, split_labels(row_labels), list(scene_names or []), list(prompts or []))
         clip = str(model_file("clip_vision", clip_name)) if clip_name != NONE_CHOICE else None
+        dino = str(model_folder(DINO_FOLDER, dino, "dino_folder")) if dino else None
         with user_errors():
-            report = evaluate_images(tiles, dataset_crops(dataset), clip=clip, dino=dino or None,
+            report = evaluate_images(tiles, dataset_crops(dataset), clip=clip, dino=dino,
                                      token=dataset["token"], face_detector=face_detector,
                                      progress=HostProgress(_one(unique_id)))
         grid = report.grid()

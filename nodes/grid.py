@@ -1,8 +1,6 @@
 """Subject Grid: images from several runs in one labelled grid (rows = method/rank, columns = scenes)."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 from .host import CATEGORY, fit_same_size, pils_to_tensor, split_labels, tensor_to_pils
 
 MORE_INPUTS = 7  # images_2 ... images_8: one per compared model
@@ -20,53 +18,37 @@ def image_rows(inputs: list[list], columns: int | None = None) -> list[list]:
     return [images[i:i + columns] for images in inputs for i in range(0, len(images), columns)]
 
 
-@lru_cache(maxsize=8)
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _fit(draw, text: str, font, width: float) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
 def draw_grid(rows: list[list], row_labels: list[str] = (), column_labels: list[str] = ()):
     """One PIL image: the tiles (all resized to the first one's size) with column labels on top
     and row labels on the left; either label set may be empty."""
     from PIL import Image, ImageDraw
+
+    from ..training.drawing import fit_text, font, font_size
 
     tiles = fit_same_size([im for row in rows for im in row])
     if not tiles:
         raise ValueError("no images to put in a grid")
     tile_w, tile_h = tiles[0].size
     columns = max(len(row) for row in rows)
-    font = _font(max(12, min(tile_w, tile_h) // 16))
+    label_font = font(max(12, min(tile_w, tile_h) // 16))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(font.size * 1.4) if hasattr(font, "size") else 14
+    line_h = int(font_size(label_font) * 1.4)
     pad = max(4, line_h // 3)
     left = 0
     if any(row_labels):
-        left = min(int(max(measure.textlength(str(t), font=font) for t in row_labels)) + 2 * pad, 2 * tile_w)
+        left = min(int(max(measure.textlength(str(t), font=label_font) for t in row_labels)) + 2 * pad, 2 * tile_w)
     top = line_h + pad if any(column_labels) else 0
     grid = Image.new("RGB", (left + columns * tile_w, top + len(rows) * tile_h), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(list(column_labels)[:columns]):
-        draw.text((left + c * tile_w + pad, pad // 2), _fit(draw, str(label), font, tile_w - 2 * pad), fill=INK,
-                  font=font)
+        draw.text((left + c * tile_w + pad, pad // 2), fit_text(draw, str(label), label_font, tile_w - 2 * pad),
+                  fill=INK, font=label_font)
     position = iter(tiles)
     for r, row in enumerate(rows):
         y = top + r * tile_h
         if r < len(row_labels) and row_labels[r]:
-            draw.text((pad, y + tile_h // 2 - line_h // 2), _fit(draw, str(row_labels[r]), font, left - 2 * pad),
-                      fill=INK, font=font)
+            label = fit_text(draw, str(row_labels[r]), label_font, left - 2 * pad)
+            draw.text((pad, y + tile_h // 2 - line_h // 2), label, fill=INK, font=label_font)
         for c in range(len(row)):
             grid.paste(next(position), (left + c * tile_w, y))
     return grid

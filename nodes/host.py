@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -188,12 +189,85 @@ def output_folder(*parts: str) -> Path:
     return Path(folder_paths.get_output_directory(), PACK_FOLDER, *parts)
 
 
-def input_folder(text: str) -> Path:
-    """A folder the user typed: absolute, or relative to ComfyUI's input/ folder."""
+ALLOW_ANY_PATH_ENV = "DREAMBOOTH_ALLOW_ANY_PATH"  # =1: typed folders may lie anywhere, whatever the listen address
+DINO_FOLDER = "dino"  # models/dino, registered with ComfyUI's folder paths by register_model_folders()
+
+
+def register_model_folders() -> None:
+    """Our model kinds ComfyUI does not know: models/dino (extra_model_paths.yaml may add more roots)."""
+    try:
+        import folder_paths
+    except ImportError:  # the pack imported without ComfyUI (tests/test_nodes_offline.py)
+        return
+
+    folder_paths.add_model_folder_path(DINO_FOLDER, str(Path(folder_paths.models_dir, DINO_FOLDER)))
+
+
+def listen_addresses() -> list[str]:
+    """The addresses the server listens on (--listen, a comma-separated list)."""
+    from comfy.cli_args import args
+
+    return [part.strip() for part in str(args.listen or "").split(",") if part.strip()]
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
+
+
+def any_path_allowed() -> bool:
+    """Folders outside ComfyUI's own may be read when only this machine can reach the server, or when the
+    user opted in: on a server others can reach, they would read any image folder on the machine."""
+    if os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    addresses = listen_addresses()
+    return bool(addresses) and all(is_loopback(a) for a in addresses)
+
+
+def typed_folder(input_name: str, text: str, roots: list[Path], where: str) -> Path:
+    """A folder the user typed: a name under one of `roots` (the first where it exists; `..` may not leave
+    them), or any path where any_path_allowed(); otherwise NodeError saying how to allow it. Only names
+    are compared here: nothing is read before the check."""
+    def normal(path) -> Path:
+        return Path(os.path.normpath(os.path.abspath(path)))
+
+    def within(path: Path, root: Path) -> bool:
+        return path == root or root in path.parents
+
+    roots = [normal(root) for root in roots]
+    typed = Path(str(text).strip()).expanduser()
+    if typed.is_absolute():
+        found = [normal(typed)] if any(within(normal(typed), root) for root in roots) else []
+    else:
+        found = [normal(root / typed) for root in roots if within(normal(root / typed), root)]
+    if found:
+        return next((path for path in found if path.exists()), found[0])
+    if any_path_allowed():
+        return normal(typed if typed.is_absolute() else roots[0] / typed)
+    listen = ",".join(listen_addresses())
+    raise NodeError(f"{input_name} '{shown(text)}' is outside {where}, and this server listens on {listen} (reachable "
+                    f"from other machines), so only folders there are read; give a folder name inside {where}, or "
+                    f"start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow any folder.")
+
+
+def input_folder(text: str, input_name: str = "folder") -> Path:
+    """A photo folder the user typed: a name relative to ComfyUI's input/ folder, or (see typed_folder)
+    an absolute path."""
     import folder_paths
 
-    path = Path(str(text).strip()).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    return typed_folder(input_name, text, [Path(folder_paths.get_input_directory())], "ComfyUI's input folder")
+
+
+def model_folder(kind: str, text: str, input_name: str) -> Path:
+    """A model folder the user typed: a name under models/<kind> (any of its registered roots), or (see
+    typed_folder) an absolute path."""
+    import folder_paths
+
+    return typed_folder(input_name, text, [Path(p) for p in folder_paths.get_folder_paths(kind)], f"models/{kind}")
 
 
 def model_file(kind: str, name: str) -> Path:

@@ -45,7 +45,7 @@ def prepare_lora(path: Path, rank: int, keep_energy: float) -> tuple[dict, str]:
     one-paragraph description. Cached by (file sha256, rank, keep_energy)."""
     import torch
 
-    from ..training.lora_format import kohya_state_dict, read_lora, resize
+    from ..training.lora import kohya_state_dict, read_lora, resize
     from ..training.models import file_sha256
 
     key = (file_sha256(path), rank, keep_energy)
@@ -206,7 +206,7 @@ class ExtractSubjectLoRA:
             return float("nan")
 
     def extract(self, base_checkpoint, tuned_checkpoint, rank, output_name, unique_id=None):
-        from ..training.lora_format import extract, format_report, write_kohya
+        from ..training.lora import extract, format_report, write_kohya
         from ..training.models import file_sha256
 
         base = model_file("checkpoints", base_checkpoint)
@@ -234,11 +234,10 @@ class ExtractSubjectLoRA:
 def _metadata(path: Path) -> dict:
     if not path.is_file():
         return {}
-    from safetensors import safe_open
+    from ..training.safe_io import read_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+        return read_metadata(path)
     except Exception:  # noqa: BLE001 - not a safetensors file: no metadata
         return {}
 

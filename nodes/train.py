@@ -10,29 +10,23 @@ import logging
 import time
 from pathlib import Path
 
+from ..training.train_config import (METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, field_help,
+                                     method_defaults_text)
 from .class_images import CLASS_IMAGES
 from .dataset import SUBJECT_DATASET
-from .host import (CATEGORY, HostProgress, NodeError, blank_image, check_output_name, deleted_since_written,
+from .host import (CATEGORY, HostProgress, blank_image, check_output_name, deleted_since_written,
                    empty_cache, file_signature, first_model_folder, free_host_models, model_choices, model_file,
                    name_in_model_folder, output_folder, pils_to_tensor, remember_written, send_event, user_errors,
                    view_ref)
 
 PROGRESS_EVENT = "dreambooth.train.progress"
 MODEL_FOLDER = {"lora": "loras", "dreambooth": "checkpoints"}
-PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
-def mixed_precision(choice: str) -> str:
-    """'auto': bf16 (or fp16) autocast on a GPU, full precision on the CPU."""
-    import torch
-
-    if choice == "fp16" and not torch.cuda.is_available():
-        raise NodeError("precision fp16 needs a GPU; choose auto, no or bf16 to train on the CPU.")
-    if choice != "auto":
-        return choice
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+def _help(name: str) -> str:
+    """The config field's help text, as a tooltip."""
+    text = field_help(name)
+    return text[0].upper() + text[1:] + "."
 
 
 class TrainSubject:
@@ -56,47 +50,48 @@ class TrainSubject:
                 "checkpoint": (model_choices("checkpoints"), {"tooltip":
                                "The SD1.5 checkpoint to train on (e.g. v1-5-pruned-emaonly.safetensors)."}),
                 "dataset": (SUBJECT_DATASET, {"tooltip": "From Prepare Subject Dataset."}),
-                "method": (["lora", "dreambooth"], {"default": "lora", "tooltip":
+                "method": (list(METHODS), {"default": TrainConfig.method, "tooltip":
                            "lora: a small file of low-rank updates (fast, little memory); dreambooth: the whole "
                            "UNet is trained and a full checkpoint written (needs ~16 GB of GPU memory)."}),
-                "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip":
+                "rank": ("INT", {"default": TrainConfig.rank, "min": 1, "max": 1024, "tooltip":
                          "LoRA rank: capacity of the update. The seed's rank 4 did not learn the face; 16 to 64 "
                          "is a better start. Ignored by DreamBooth."}),
                 "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
                           "LoRA alpha; the update is scaled by alpha / rank. 0 = equal to rank (scale 1)."}),
                 "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-7, "tooltip":
-                                  "0 = the method's default: LoRA 1e-4, DreamBooth 2e-6 (the seed used 2e-5 with "
-                                  "a linear schedule)."}),
-                "lr_scheduler": (["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                                  "polynomial"], {"default": "constant", "tooltip":
-                                 "How the learning rate changes over the steps."}),
-                "optimizer": (["adamw", "adamw8bit", "prodigy"], {"default": "adamw", "tooltip":
+                                  f"0 = the method's default: {method_defaults_text('lr')} (the seed used 2e-5 "
+                                  "with a linear schedule)."}),
+                "lr_scheduler": (list(SCHEDULERS), {"default": TrainConfig.lr_scheduler, "tooltip":
+                                 _help("lr_scheduler")}),
+                "optimizer": (list(OPTIMIZERS), {"default": TrainConfig.optimizer, "tooltip":
                               "adamw: the usual; adamw8bit: less memory (needs bitsandbytes and a GPU); prodigy: "
                               "sets its own step size (use learning_rate 1; needs prodigyopt)."}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
-                          "Training steps; 0 = the method's default (LoRA 800, DreamBooth 400)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                          f"Training steps; 0 = the method's default ({method_defaults_text('steps')})."}),
+                "batch_size": ("INT", {"default": TrainConfig.batch_size, "min": 1, "max": 64, "tooltip":
                                "Subject images per step (plus as many class images with prior preservation)."}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip":
+                "train_text_encoder": ("BOOLEAN", {"default": TrainConfig.train_text_encoder, "tooltip":
                                        "Also train the text encoder (better identity, more memory, easier to "
                                        "overfit)."}),
-                "prior_loss_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                "prior_loss_weight": ("FLOAT", {"default": TrainConfig.prior_loss_weight, "min": 0.0, "max": 10.0,
+                                                "step": 0.05, "tooltip":
                                       "Weight of the class-image loss when class images are connected."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                "seed": ("INT", {"default": TrainConfig.seed, "min": 0, "max": 2**31 - 1,
+                                 "control_after_generate": False,
                          "tooltip": "Seed of the LoRA initialisation, the noise and the timesteps."}),
-                "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
-                              "Mixed precision of the compute (weights stay fp32). auto: bf16 or fp16 on a GPU, "
-                              "none on the CPU."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                "precision": (list(PRECISIONS), {"default": TrainConfig.mixed_precision, "tooltip":
+                              _help("mixed_precision")}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": TrainConfig.gradient_checkpointing, "tooltip":
                                            "Recompute activations in the backward pass: much less memory, about "
                                            "30% slower. Turn on for DreamBooth on GPUs under 24 GB."}),
                 "output_name": ("STRING", {"default": "subject_lora", "tooltip":
                                 "File name of the result (no folders), written as <name>.safetensors into "
                                 "models/loras or models/checkpoints."}),
-                "validation_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                "validation_every": ("INT", {"default": TrainConfig.validation_every, "min": 0, "max": 100000,
+                                             "tooltip":
                                      "Render the three test scenes every N steps (0 = never); the images appear in "
                                      "the live chart and in the run folder."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                "overwrite": ("BOOLEAN", {"default": TrainConfig.overwrite, "tooltip":
                               "Replace an existing file of that name made by different settings. Off: such a "
                               "file is never overwritten."}),
             },
@@ -104,6 +99,10 @@ class TrainSubject:
                 "class_images": (CLASS_IMAGES, {"tooltip":
                                  "From Class Images: turns on prior preservation. Not connected: no prior "
                                  "preservation."}),
+                "pivotal_tokens": ("INT", {"default": TrainConfig.pivotal_tokens, "min": 0, "max": 16, "tooltip":
+                                   _help("pivotal_tokens") + " The embedding file goes to models/embeddings."}),
+                "save_every": ("INT", {"default": TrainConfig.save_every, "min": 0, "max": 100000, "tooltip":
+                               _help("save_every") + " A cancelled or crashed run resumes from the last one."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -130,11 +129,11 @@ class TrainSubject:
 
     def train(self, checkpoint, dataset, method, rank, alpha, learning_rate, lr_scheduler, optimizer, steps,
               batch_size, train_text_encoder, prior_loss_weight, seed, precision, gradient_checkpointing, output_name,
-              validation_every, overwrite, class_images=None, unique_id=None):
+              validation_every, overwrite, class_images=None, pivotal_tokens=TrainConfig.pivotal_tokens,
+              save_every=TrainConfig.save_every, unique_id=None):
         import torch
 
         from ..training.train import train
-        from ..training.train_config import TrainConfig
 
         stem = check_output_name(output_name)
         base = model_file("checkpoints", checkpoint)
@@ -143,14 +142,16 @@ class TrainSubject:
         cfg = TrainConfig(
             method=method, base=str(base), instance_dir=dataset["folder"], output=str(output),
             token=dataset["token"], class_word=dataset["class_word"], resolution=dataset["resolution"],
-            steps=steps or None, batch_size=batch_size, lr=learning_rate or None, lr_scheduler=lr_scheduler,
+            steps=steps, batch_size=batch_size, lr=learning_rate, lr_scheduler=lr_scheduler,  # 0: the method's
             optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-            train_text_encoder=train_text_encoder, rank=rank, alpha=alpha or None, prior_preservation=prior,
-            prior_loss_weight=prior_loss_weight, num_class_images=class_images["count"] if prior else 1,
+            train_text_encoder=train_text_encoder, rank=rank, alpha=alpha, prior_preservation=prior,
+            prior_loss_weight=prior_loss_weight,
+            num_class_images=class_images["count"] if prior else TrainConfig.num_class_images,
             class_prompt=class_images["prompt"] if prior else TrainConfig.class_prompt,
             class_dir=class_images["folder"] if prior else None,  # used as it is
-            mixed_precision=mixed_precision(precision), seed=seed, validation_every=validation_every,
-            run_dir=str(output_folder("runs", stem)), overwrite=overwrite)
+            mixed_precision=precision, seed=seed, validation_every=validation_every, save_every=save_every,
+            run_dir=str(output_folder("runs", stem)), overwrite=overwrite, pivotal_tokens=pivotal_tokens,
+            embedding_dir=str(first_model_folder("embeddings")) if pivotal_tokens else None)
         watch = TrainingWatch(unique_id)
         started = time.perf_counter()
         with user_errors():
@@ -187,7 +188,6 @@ class TrainingWatch:
         self.bar = HostProgress(node_id)
         self.resumed_from: int | None = None
         self.warnings: list[str] = []
-        self._first_train_step: int | None = None
 
     def __call__(self, event) -> None:
         if event.stage == "warning":
@@ -195,10 +195,9 @@ class TrainingWatch:
             logging.warning("[DreamBooth] %s", note)
             self.warnings.append(note)
             return
+        if event.stage == "resume":
+            self.resumed_from = event.step
         if event.stage == "train":
-            if self._first_train_step is None:
-                self._first_train_step = event.step
-                self.resumed_from = event.step - 1 if event.step > 1 else None
             info = event.info
             send_event(PROGRESS_EVENT, {
                 "node": self.node_id, "step": event.step, "total": event.total, "loss": info.get("loss"),
@@ -215,19 +214,25 @@ def train_report(cfg, result, resumed_from: int | None, seconds: float, class_im
         lines.append(f"Reused {cfg.output}: it was trained with exactly these settings and inputs; nothing to do "
                      "(change a setting, or delete the file, to train again).")
     else:
-        what = f"{method} rank {cfg.rank}, alpha {cfg.lora_alpha:g}" if cfg.method == "lora" else method
+        what = f"{method} rank {cfg.rank}, alpha {cfg.alpha:g}" if cfg.method == "lora" else method
         lines.append(f"Trained {what}: {result.steps_done} steps in {seconds:.0f} s"
                      + (f", final loss {result.final_loss:.4f}" if result.final_loss is not None else "") + ".")
         if resumed_from:
-            lines.append(f"Resumed from step {resumed_from} (the checkpoint of a cancelled run).")
+            lines.append(f"Resumed from step {resumed_from} (the checkpoint of a cancelled or interrupted run).")
         lines.append(f"Wrote {cfg.output}")
     text_encoder = "trained" if cfg.train_text_encoder else "frozen"
-    lines.append(f"  base {Path(cfg.base).name}; {cfg.total_steps} steps, lr {cfg.learning_rate:g} "
+    lines.append(f"  base {Path(cfg.base).name}; {cfg.steps} steps, lr {cfg.lr:g} "
                  f"({cfg.lr_scheduler}), batch {cfg.batch_size}, {cfg.resolution} px, text encoder {text_encoder}")
     if cfg.prior_preservation and class_images:
         lines.append(f"  prior preservation: {class_images['count']} class images \"{class_images['prompt']}\", "
                      f"weight {cfg.prior_loss_weight:g}")
     else:
         lines.append("  prior preservation: off (connect Class Images to turn it on)")
+    if cfg.pivotal_tokens:
+        from ..training.pivotal import freeze_step
+        from ..training.train import embedding_output
+
+        lines.append(f"  pivotal tuning: '{cfg.token}' is {cfg.pivotal_tokens} new tokens, trained for the first "
+                     f"{freeze_step(cfg)} steps at lr {cfg.pivotal_lr:g}; embedding file {embedding_output(cfg)}")
     lines.append(f"  run folder (checkpoints, loss log, validation images): {cfg.run_path}")
     return "\n".join(lines)

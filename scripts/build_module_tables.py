@@ -1,9 +1,9 @@
 """Write training/configs/<family>/module_table.json: the LoRA-able modules of each SD1.5-family
-layout, read by `training.lora_format.module_table` instead of building meta models at every start.
+layout, read by `training.lora.names.module_table` instead of building meta models at every start.
 
     python scripts/build_module_tables.py
 
-tests/test_lora_format.py checks that the shipped tables equal freshly built ones.
+tests/test_lora_names.py checks that the shipped tables equal freshly built ones.
 """
 import json
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.lora_format import FAMILIES, MODULE_TABLE_FILE, module_rows  # noqa: E402
+from training.lora.names import FAMILIES, MODULE_TABLE_FILE, module_rows  # noqa: E402
 from training.models import FAMILY_CONFIGS  # noqa: E402
 from training.safe_io import atomic_write_text  # noqa: E402
 

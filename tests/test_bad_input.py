@@ -45,6 +45,8 @@ UNET = "model.diffusion_model."
 # What a message says to do: an imperative, or the rule the value must follow.
 INSTRUCTION = re.compile(r"\b(give|pass|pick|choose|use|add|run|delete|remove|download|copy|convert|turn on|lower|"
                          r"fix|free|install|rename|check|must|prepare|replace|save|export|re-export|load|leave)\b", re.I)
+# what only a ComfyUI user can do: the CLI names its flags instead (issue 17 item 7)
+NODE_SPEAK = re.compile(r"\b(node|widget|Load Subject \w+|in the loader|turn on)\b", re.I)
 PHOTO = SUBJECT_PHOTOS / "input__foreground__01.jpg"
 
 
@@ -88,6 +90,7 @@ def assert_one_line_error(run: subprocess.CompletedProcess, names: tuple[str, ..
     for name in names:
         assert name.lower() in message.lower(), f"{name!r} not in: {message}"
     assert INSTRUCTION.search(message.removeprefix("error: ")), f"no instruction in: {message}"
+    assert not NODE_SPEAK.search(message), f"a command-line message that speaks of ComfyUI: {message}"
     return message
 
 
@@ -125,7 +128,7 @@ class Shared:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_file) -> Shared:
-    from training.dataset import PrepareConfig, prepare_dataset
+    from training.data import PrepareConfig, prepare_dataset
 
     root = tmp_path_factory.mktemp("shared")
     prepare_dataset(SUBJECT_PHOTOS, root / "dataset", PrepareConfig(resolution=64))
@@ -135,7 +138,7 @@ def shared(tmp_path_factory, tiny_file) -> Shared:
 
 def write_lora(path: Path, rank: int = 4, metadata: dict | None = None, nan: bool = False) -> Path:
     """A kohya LoRA on four attention layers of tiny."""
-    from training.lora_format import LoraFile, LoraLayer, kohya_state_dict, module_table
+    from training.lora import LoraFile, LoraLayer, kohya_state_dict, module_table
 
     shapes = module_table("tiny").shapes
     names = [n for n in shapes if n.endswith((".attn1.to_q", ".attn2.to_v"))][:4]
@@ -226,7 +229,7 @@ def read_only(path: Path) -> Path:
 
 def train_argv(d: Path, s: Shared, *extra) -> list:
     """A quick LoRA run on tiny; extra flags override."""
-    return ["train", "--instance-dir", s.dataset, "--output", d / "out.safetensors", "--no-prior-preservation",
+    return ["train", "--base", "tiny", "--instance-dir", s.dataset, "--out", d / "out.safetensors", "--no-prior-preservation",
             "--steps", "2", "--rank", "4", *extra]
 
 
@@ -366,19 +369,19 @@ CASES = [
     _odd("locked.jpg", lambda p: locked(_copy_photo(p)), "cannot be read"),
     Case("prepare/resolution-not-multiple-of-8",
          lambda d, s: ["prepare", SUBJECT_PHOTOS, "--out", d / "ds", "--resolution", "100"],
-         ("resolution", "multiple of 8")),
+         ("--resolution", "multiple of 8")),
     Case("prepare/caption-template-stray-braces",
          lambda d, s: ["prepare", SUBJECT_PHOTOS, "--out", d / "ds", "--caption-template", "photo of {token} {name}"],
-         ("caption_template", "{name}")),
+         ("--caption-template", "{name}")),
     Case("train/instance-dir-missing", lambda d, s: [*train_argv(d, s), "--instance-dir", d / "no_such_photos"],
-         ("instance_dir", "no_such_photos")),
+         ("--instance-dir:", "no_such_photos", "is not a folder")),
     Case("train/instance-dir-empty", lambda d, s: [*train_argv(d, s), "--instance-dir", _empty(d / "empty")],
          ("empty", "add photos")),
     Case("train/one-usable-image-batch-2",
          lambda d, s: [*train_argv(d, s), "--instance-dir", _one_usable(d), "--batch-size", "2"],
-         ("batch_size 2", "1 images", "add photos")),
+         ("--batch-size 2", "1 images", "add photos")),
     Case("train/batch-size-larger-than-dataset", lambda d, s: train_argv(d, s, "--batch-size", "8"),
-         ("batch_size 8", "6 images")),
+         ("--batch-size 8", "6 images")),
     Case("train/dataset-damaged", lambda d, s: [*train_argv(d, s), "--instance-dir", _damaged_dataset(d, s)],
          ("dataset.json", "missing", "run prepare")),
     # ---- bases
@@ -423,30 +426,31 @@ CASES = [
                        "--rank", "2", "--out", d / "x.safetensors"],
          ("tuned.ckpt", "convert"), never_created=("PWNED",)),
     # ---- ranks
-    Case("train/rank-0", lambda d, s: train_argv(d, s, "--rank", "0"), ("rank", "at least 1")),
-    Case("generate/rank-negative", lambda d, s: generate_argv(d, "--lora", s.lora, "--rank", "-1"), ("rank -1",)),
+    Case("train/rank-0", lambda d, s: train_argv(d, s, "--rank", "0"), ("--rank: 0", "at least 1")),
+    Case("generate/rank-negative", lambda d, s: generate_argv(d, "--lora", s.lora, "--rank", "-1"), ("--rank: -1", "0 (the LoRA as trained)")),
     Case("generate/rank-above-trained", lambda d, s: generate_argv(d, "--lora", s.lora, "--rank", "8"),
-         ("rank 8", "trained rank 4")),
+         ("--rank: 8", "trained rank 4")),
     Case("lora-resize/rank-0", lambda d, s: ["lora", "resize", s.lora, "--rank", "0", "--out", d / "r0.safetensors"],
-         ("--rank", "at least 1")),
+         ("--rank: 0", "at least 1")),
     Case("lora-resize/rank-above-trained",
-         lambda d, s: ["lora", "resize", s.lora, "--rank", "8", "--out", d / "r8.safetensors"], ("rank 8", "4")),
+         lambda d, s: ["lora", "resize", s.lora, "--rank", "8", "--out", d / "r8.safetensors"],
+         ("--rank: 8", "trained rank 4")),
     # ---- numbers
     Case("train/resolution-not-multiple-of-8", lambda d, s: train_argv(d, s, "--resolution", "100"),
-         ("resolution", "multiple of 8")),
+         ("--resolution: 100", "multiple of 8")),
     Case("generate/resolution-not-multiple-of-8", lambda d, s: generate_argv(d, "--resolution", "100"),
-         ("resolution 100", "multiple of 8")),
-    Case("train/steps-0", lambda d, s: train_argv(d, s, "--steps", "0"), ("steps", "at least 1")),
-    Case("generate/steps-0", lambda d, s: [*generate_argv(d), "--steps", "0"], ("steps 0", "at least 1")),
-    Case("train/lr-0", lambda d, s: train_argv(d, s, "--lr", "0"), ("lr", "greater than 0")),
-    Case("train/lr-negative", lambda d, s: train_argv(d, s, "--lr", "-0.0001"), ("lr", "greater than 0")),
+         ("--resolution: 100", "multiple of 8")),
+    Case("train/steps-0", lambda d, s: train_argv(d, s, "--steps", "0"), ("--steps: 0", "at least 1")),
+    Case("generate/steps-0", lambda d, s: [*generate_argv(d), "--steps", "0"], ("--steps: 0", "at least 1")),
+    Case("train/lr-0", lambda d, s: train_argv(d, s, "--lr", "0"), ("--lr: 0", "greater than 0")),
+    Case("train/lr-negative", lambda d, s: train_argv(d, s, "--lr", "-0.0001"), ("--lr: -0.0001", "greater than 0")),
     # ---- outputs ("--lr -1" makes a case that is still accepted fail fast instead of training)
     Case("train/output-invalid-on-windows",
          lambda d, s: train_argv(d, s, "--output", d / "subject<1>?.safetensors", "--lr", "-1"),
          ("subject<1>?", "Windows")),
     Case("train/output-exists-from-another-config",
          lambda d, s: train_argv(d, s, "--output", write_lora(d / "mine.safetensors")),
-         ("mine.safetensors", "already exists", "overwrite")),
+         ("mine.safetensors", "already exists", "another --out file", "pass --overwrite")),
     Case("lora-resize/output-exists",
          lambda d, s: ["lora", "resize", s.lora, "--rank", "2", "--out", write_lora(d / "keep.safetensors", rank=2)],
          ("keep.safetensors", "already exists")),
@@ -464,7 +468,7 @@ CASES = [
          ("{clas}", "remove")),
     Case("train/class-prompt-stray-braces",
          lambda d, s: train_argv(d, s, "--prior-preservation", "--class-prompt", "a photo of a {clss}", "--lr", "-1"),
-         ("class_prompt", "{clss}")),
+         ("--class-prompt:", "{clss}")),
     Case("class-images/prompt-stray-braces",
          lambda d, s: ["class-images", "--base", "tiny", "--out", d / "class", "--num", "1", "--prompt",
                        "a photo of a {clss}"],
@@ -505,7 +509,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case: Case, shared: Shared, t
 
 
 def _quick_run(shared: Shared, out: Path, *extra) -> list:
-    return ["train", "--instance-dir", shared.dataset, "--output", out, "--no-prior-preservation", "--steps", "2",
+    return ["train", "--base", "tiny", "--instance-dir", shared.dataset, "--out", out, "--no-prior-preservation", "--steps", "2",
             "--rank", "4", "--save-every", "1", *extra]
 
 
@@ -525,7 +529,7 @@ def test_an_existing_output_is_reused_by_the_same_run_and_refused_to_another(sha
     assert finished.read_bytes() == written
     before = snapshot(finished.parent)
     other = cli(_quick_run(shared, finished, "--steps", "3"))  # another config: refused, the finished result kept
-    assert_one_line_error(other, ("subject.safetensors", "already exists", "overwrite"))
+    assert_one_line_error(other, ("subject.safetensors", "already exists", "pass --overwrite"))
     assert_intact(before, finished.parent)
 
 

@@ -96,7 +96,7 @@ def hooks(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from training.dataset import PrepareConfig, prepare_dataset
+    from training.data import PrepareConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("crash_dataset")
     prepare_dataset(SUBJECT_PHOTOS, out, PrepareConfig(resolution=64))
@@ -104,7 +104,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def train_argv(dataset: Path, out: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "training", "train", "--instance-dir", str(dataset),
+    return [sys.executable, "-m", "training", "train", "--base", "tiny", "--instance-dir", str(dataset),
             "--output", str(out), "--no-prior-preservation", "--steps", str(STEPS), "--rank", "4", "--seed", "7",
             "--save-every", "1", *map(str, extra)]
 

@@ -1,4 +1,4 @@
-"""Tests for training/evaluate.py: dlib face identity on real photos, CLIP/DINO on tiny random
+"""Tests for training/eval/ (scorers, run, report): dlib face identity on real photos, CLIP/DINO on tiny random
 models built here, the report files and the folder helper behind `python -m training evaluate`."""
 from __future__ import annotations
 
@@ -14,16 +14,8 @@ import torch
 from PIL import Image
 
 from training.errors import UserError
-from training.evaluate import (
-    FACE_MATCH_THRESHOLD,
-    EvalImage,
-    describe_images,
-    evaluate_images,
-    face_distance,
-    load_clip,
-    prompt_without_token,
-    run_evaluate,
-)
+from training.eval.run import EvalImage, describe_images, evaluate_images, prompt_without_token, run_evaluate
+from training.eval.scorers import FACE_MATCH_THRESHOLD, face_distance, load_clip
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT = sorted((REPO / "training" / "sample_data" / "subject").glob("*.jpg"))
@@ -93,7 +85,7 @@ def test_prompt_without_token_removes_only_the_token():
 @pytest.fixture(scope="module")
 def embedder():
     pytest.importorskip("dlib", reason=DLIB_REASON)
-    from training.evaluate import FaceEmbedder
+    from training.eval.scorers import FaceEmbedder
 
     return FaceEmbedder("hog+cnn")
 

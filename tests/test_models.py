@@ -7,10 +7,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.errors import UserError
-from training.models import (build_tiny, inspect_checkpoint, load_model, save_diffusers_folder, save_single_file,
+from training.models import (build_tiny, inspect_checkpoint, load_model, save_single_file,
                              to_ldm_state_dict)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def diffusers_folder(model, folder):
+    """The model as a diffusers folder, written the way a user gets one: the pipeline's save_pretrained."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=DDPMScheduler.from_config(model.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def assert_same_weights(a, b):
@@ -58,7 +69,7 @@ def test_sd15_layout_round_trip_is_bit_identical(sd15_file, tmp_path):
 
 
 def test_diffusers_folder_loads_the_same_weights(tiny, tmp_path):
-    folder = save_diffusers_folder(tiny, tmp_path / "tiny_diffusers")
+    folder = diffusers_folder(tiny, tmp_path / "tiny_diffusers")
     loaded = load_model(folder)
     assert loaded.source_kind == "diffusers" and loaded.family == "tiny"
     assert_same_weights(tiny, loaded)
@@ -137,7 +148,7 @@ def test_refuses_pickles_truncated_and_empty_files(tiny_file, tmp_path):
 
 
 def test_refuses_folder_with_only_pickle_weights(tiny, tmp_path):
-    folder = save_diffusers_folder(tiny, tmp_path / "m")
+    folder = diffusers_folder(tiny, tmp_path / "m")
     for f in (folder / "unet").glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(UserError, match="no .safetensors weights"):

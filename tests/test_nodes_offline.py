@@ -10,7 +10,8 @@ from fixture_paths import ROOT, load_pack
 
 PACK = load_pack()
 from pack_offline.nodes import fidelity, grid, host, lora, prompts  # noqa: E402
-from pack_offline.nodes.train import mixed_precision  # noqa: E402
+from training.errors import UserError  # noqa: E402
+from training.train_config import TrainConfig, resolve_precision  # noqa: E402
 
 
 def test_the_pack_imports_without_comfyui_and_without_torch():
@@ -158,6 +159,7 @@ def test_trigger_and_rank_descriptions():
 def test_auto_precision_is_full_precision_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert mixed_precision("auto") == "no" and mixed_precision("bf16") == "bf16"
-    with pytest.raises(host.NodeError, match="fp16 needs a GPU"):
-        mixed_precision("fp16")
+    assert resolve_precision("auto") == "no" and resolve_precision("bf16") == "bf16"
+    assert TrainConfig().mixed_precision == "auto"  # the node, the CLI and the library share this default
+    with pytest.raises(UserError, match="mixed_precision: fp16 needs a GPU"):
+        TrainConfig(instance_dir=str(ROOT), output="x.safetensors", mixed_precision="fp16").validate()

@@ -6,7 +6,7 @@ import torch
 
 import training.train as train_module
 from training.checkpoint import list_checkpoints
-from training.dataset import PrepareConfig, prepare_dataset
+from training.data import PrepareConfig, prepare_dataset
 from training.errors import UserError
 from training.models import build_tiny
 from training.resources import estimate_memory, memory_warning
@@ -35,7 +35,7 @@ def test_warning_names_the_settings_to_lower(tiny, monkeypatch):
 def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     dataset = tmp_path / "dataset"
     prepare_dataset(PHOTOS, dataset, PrepareConfig(resolution=64))
-    real_loss, calls = train_module._loss, []
+    real_loss, calls = train_module.denoising_loss, []
 
     def loss_that_runs_out(*args, **kw):
         calls.append(1)
@@ -43,7 +43,7 @@ def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, mo
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         return real_loss(*args, **kw)
 
-    monkeypatch.setattr(train_module, "_loss", loss_that_runs_out)
+    monkeypatch.setattr(train_module, "denoising_loss", loss_that_runs_out)
     warnings = []
     cfg = TrainConfig(instance_dir=str(dataset), output=str(tmp_path / "oom.safetensors"), steps=10, rank=4,
                       prior_preservation=False, save_every=2)
@@ -54,3 +54,31 @@ def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, mo
     assert "gradient_checkpointing on" in message
     assert [p.name for p in list_checkpoints(cfg.run_path)] == ["step_0000002.safetensors"]
     assert not (tmp_path / "oom.safetensors").exists()
+
+
+def test_dreambooth_that_does_not_fit_turns_on_checkpointing_then_8bit_adam(tiny):
+    from training.resources import GB, fit_to_memory
+
+    need = estimate_memory(TrainConfig(method="dreambooth"), tiny, 512).total
+    checkpointed = estimate_memory(TrainConfig(method="dreambooth", gradient_checkpointing=True), tiny, 512).total
+    roomy = TrainConfig(method="dreambooth")
+    assert fit_to_memory(roomy, tiny, 512, need * 1.01, "GPU", eight_bit_adam=True) == []
+    assert not roomy.gradient_checkpointing and roomy.optimizer == "adamw"
+
+    short = TrainConfig(method="dreambooth")  # checkpointing alone makes it fit
+    notes = fit_to_memory(short, tiny, 512, (need + checkpointed) / 2, "GPU", eight_bit_adam=True)
+    assert short.gradient_checkpointing and short.optimizer == "adamw"
+    assert len(notes) == 1 and notes[0].startswith("Gradient checkpointing is on") and f"{need / GB:.1f} GB" in notes[0]
+
+    shorter = TrainConfig(method="dreambooth")
+    notes = fit_to_memory(shorter, tiny, 512, checkpointed * 0.9, "GPU", eight_bit_adam=True)
+    assert shorter.gradient_checkpointing and shorter.optimizer == "adamw8bit" and len(notes) == 2
+    no_bnb = TrainConfig(method="dreambooth")  # no bitsandbytes (or the CPU): AdamW stays, the warning follows
+    assert len(fit_to_memory(no_bnb, tiny, 512, checkpointed * 0.9, "GPU", eight_bit_adam=False)) == 1
+    assert no_bnb.optimizer == "adamw"
+
+    resumed = TrainConfig(method="dreambooth")  # the optimizer of the checkpoint, whatever the memory now
+    fit_to_memory(resumed, tiny, 512, need * 10, "GPU", eight_bit_adam=True, resumed_optimizer="adamw8bit")
+    assert resumed.optimizer == "adamw8bit"
+    lora = TrainConfig(method="lora")  # LoRA's memory is activations: left as set
+    assert fit_to_memory(lora, tiny, 512, 1.0, "GPU", eight_bit_adam=True) == [] and not lora.gradient_checkpointing

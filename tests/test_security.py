@@ -47,7 +47,7 @@ UNSAFE = {
 
 def test_no_unsafe_loader_or_eval_anywhere_in_the_pack():
     files = pack_files(".py")
-    assert any(p.name == "lora_format.py" for p in files) and any(p.parent.name == "nodes" for p in files)
+    assert any(p.name == "extract.py" and p.parent.name == "lora" for p in files) and any(p.parent.name == "nodes" for p in files)
     found = []
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -131,7 +131,8 @@ def test_the_planted_pickle_would_run_if_unpickled(tmp_path):
 PICKLE_USES = {  # argv after `python -m training`, given (d, a maker of planted pickles, the marker)
     "info": lambda d, p, m: ["info", p(".pth")],
     "generate --base": lambda d, p, m: ["generate", "--base", p(".bin"), "--out", d / "img", "--steps", "1"],
-    "generate --lora": lambda d, p, m: ["generate", "--lora", p(".ckpt"), "--out", d / "img", "--steps", "1"],
+    "generate --lora": lambda d, p, m: ["generate", "--base", "tiny", "--lora", p(".ckpt"), "--out", d / "img",
+                                        "--steps", "1"],
     "lora info": lambda d, p, m: ["lora", "info", p(".pt")],
     "lora resize": lambda d, p, m: ["lora", "resize", p(".pt"), "--rank", "2", "--out", d / "r.safetensors"],
     "lora convert": lambda d, p, m: ["lora", "convert", p(".ckpt"), "--out", d / "c.safetensors"],
@@ -203,10 +204,10 @@ def test_lora_metadata_is_shown_as_text_never_run_or_used_as_a_path(tmp_path):
     assert info.returncode == 0, info.stderr[-2000:]
     for key, value in hostile.items():
         assert f"{key}: {' '.join(value.split())[:100]}" in info.stdout, key
-    generated = cli(["generate", "--lora", lora, "--out", tmp_path / "images", "--steps", "1",
+    generated = cli(["generate", "--base", "tiny", "--lora", lora, "--out", tmp_path / "images", "--steps", "1",
                      "--prompt", "a photo of {token} {class}"], cwd=work)
     assert generated.returncode == 0, generated.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["prompt1_0.png"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["prompt1_0.png", "prompts.json"]
     for folder in (tmp_path, work, Path("/tmp"), ROOT):
         assert not [p for p in folder.glob("*PWNED*")], f"something ran in {folder}"
     assert not Path(f"/tmp/escaped_{tag}").exists() and not Path(f"/tmp/escaped_{tag}.safetensors").exists()
@@ -292,8 +293,8 @@ def test_a_decompression_bomb_among_class_images_is_one_line(bomb, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(SUBJECT_PHOTOS / "input__foreground__01.jpg", photos)
-    run = cli(["train", "--instance-dir", photos, "--output", tmp_path / "o.safetensors", "--steps", "1",
-               "--rank", "4", "--class-dir", classes, "--num-class-images", "1"])
+    run = cli(["train", "--base", "tiny", "--instance-dir", photos, "--output", tmp_path / "o.safetensors", "--steps", "1",
+               "--rank", "4", "--prior-preservation", "--class-dir", classes, "--num-class-images", "1"])
     lines = stderr_lines(run.stderr)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert lines[-1].startswith("error: ") and "bomb.png" in lines[-1]

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from training.checkpoint import list_checkpoints
-from training.dataset import PrepareConfig, prepare_dataset
+from training.data import PrepareConfig, prepare_dataset
 from training.errors import UserError
 from training.models import build_tiny, load_model
+from training.progress import Cancelled
 from training.train import train
 from training.train_config import TrainConfig
 
@@ -35,15 +36,23 @@ def class_dir(tmp_path_factory):
 
 
 def config(dataset, class_dir, out: Path, **kw) -> TrainConfig:
-    base = dict(instance_dir=str(dataset), output=str(out), steps=6, rank=4, num_class_images=2,
+    base = dict(instance_dir=str(dataset), output=str(out), steps=6, rank=4, prior_preservation=True, num_class_images=2,
                 class_dir=str(class_dir), save_every=2, seed=3)
     return TrainConfig(**(base | kw))
+
+
+def cancel_at_step(n: int):
+    """A progress callback that cancels the way the CLI and ComfyUI do: it raises after step n."""
+    def progress(event):
+        if event.stage == "train" and event.step >= n:
+            raise Cancelled()
+    return progress
 
 
 def test_lora_trains_with_prior_preservation_and_loads_everywhere(dataset, class_dir, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from training.lora_format import read_lora
+    from training.lora import read_lora
 
     out = tmp_path / "subject_lora.safetensors"
     result = train(config(dataset, class_dir, out))
@@ -81,17 +90,18 @@ def test_dreambooth_writes_a_loadable_single_file(dataset, class_dir, tmp_path):
 
 def _instance_loss(model, dataset, generator_seed=0) -> float:
     """Denoising loss on the instance images at fixed timesteps and noise."""
-    from training.train import _encode, _noise_schedule
+    from training.examples import encode
+    from training.loss import noise_schedule
 
     from PIL import Image
 
     images = [Image.open(p).convert("RGB") for p in sorted(Path(dataset).glob("*.png")) if "contact" not in p.name]
-    cached = _encode(model, images, ["a photo of sks man"] * len(images), 64, TrainConfig(), lambda e: None, "x")
+    cached = encode(model, images, ["a photo of sks man"] * len(images), 64, TrainConfig(), lambda e: None, "x")
     g = torch.Generator().manual_seed(generator_seed)
     latents = cached.latent_mean * model.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g)
     t = torch.tensor([100, 300, 500, 700, 900, 200][: len(images)])
-    schedule = _noise_schedule(model)
+    schedule = noise_schedule(model)
     with torch.no_grad():
         pred = model.unet(schedule.add_noise(latents, noise, t), t, cached.embeddings).sample
     return float(torch.nn.functional.mse_loss(pred, noise))
@@ -114,16 +124,16 @@ def test_an_fp16_base_kept_in_fp16_trains_the_same_lora_as_plain_fp32_layers(dat
     """The frozen UNet of a LoRA run stays in the precision the file stores it in (half the memory
     for an fp16 file) and runs through frozen layers that keep no input for backward; the LoRA
     must come out bit for bit as with the plain fp32 layers of the same file. Conv targets too."""
-    import training.train as train_module
+    import training.trainable as train_module
     from training.models import save_single_file
 
     base = save_single_file(build_tiny(), tmp_path / "tiny_fp16.safetensors", dtype=torch.float16)
     kw = dict(base=str(base), targets="attn+ff+conv", steps=4, save_every=0)
     cfg = config(dataset, class_dir, tmp_path / "frozen.safetensors", **kw)
-    assert train_module._frozen_storage_dtype(cfg) == torch.float16
+    assert train_module.frozen_storage_dtype(cfg) == torch.float16
     frozen = load_file(str(train(cfg).output))
     monkeypatch.setattr(train_module, "freeze_base_layers", lambda *args: 0)
-    monkeypatch.setattr(train_module, "_frozen_storage_dtype", lambda cfg: torch.float32)
+    monkeypatch.setattr("training.train.frozen_storage_dtype", lambda cfg: torch.float32)
     plain = load_file(str(train(config(dataset, class_dir, tmp_path / "plain.safetensors", **kw)).output))
     assert len(frozen) > 200 and frozen.keys() == plain.keys()
     assert [k for k in frozen if not torch.equal(frozen[k], plain[k])] == []
@@ -132,19 +142,20 @@ def test_an_fp16_base_kept_in_fp16_trains_the_same_lora_as_plain_fp32_layers(dat
 def test_cancel_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(dataset, class_dir, tmp_path):
     reference = train(config(dataset, class_dir, tmp_path / "ref.safetensors", steps=8))
     out = tmp_path / "cancelled.safetensors"
-    calls = iter(range(100))
-    result = train(config(dataset, class_dir, out, steps=8), should_cancel=lambda: next(calls) >= 5)
-    assert result.cancelled and result.output is None and not out.exists()
-    assert [p.name for p in list_checkpoints(result.run_dir)] == ["step_0000004.safetensors", "step_0000005.safetensors"]
+    with pytest.raises(Cancelled):
+        train(config(dataset, class_dir, out, steps=8), progress=cancel_at_step(5))
+    run_dir = config(dataset, class_dir, out).run_path
+    assert not out.exists()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000004.safetensors", "step_0000005.safetensors"]
     resumed = train(config(dataset, class_dir, out, steps=8))
     a, b = load_file(str(reference.output)), load_file(str(resumed.output))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(dataset, class_dir, tmp_path):
-    args = ["--instance-dir", str(dataset), "--class-dir", str(class_dir), "--steps", "40", "--rank", "4",
+    args = ["--instance-dir", str(dataset), "--prior-preservation", "--class-dir", str(class_dir), "--steps", "40", "--rank", "4",
             "--num-class-images", "2", "--save-every", "3", "--seed", "5"]
-    cli = [sys.executable, "-m", "training", "train"]
+    cli = [sys.executable, "-m", "training", "train", "--base", "tiny"]
     ref = tmp_path / "ref.safetensors"
     subprocess.run(cli + args + ["--output", str(ref)], check=True, capture_output=True, cwd=ROOT)
     out = tmp_path / "killed.safetensors"
@@ -201,9 +212,10 @@ def test_overwrite_replaces_another_configs_run_and_checkpoints_go_once_done(dat
     out = tmp_path / "over.safetensors"
     first = train(config(dataset, class_dir, out, steps=4, save_every=2))
     assert list_checkpoints(first.run_dir) == []  # the output supersedes them
-    cancelled = train(config(dataset, class_dir, tmp_path / "c.safetensors", steps=4, save_every=1),
-                      should_cancel=lambda: True if list_checkpoints(tmp_path / "c.safetensors.run") else False)
-    assert cancelled.cancelled and list_checkpoints(cancelled.run_dir)
+    with pytest.raises(Cancelled):
+        train(config(dataset, class_dir, tmp_path / "c.safetensors", steps=4, save_every=1),
+              progress=cancel_at_step(1))
+    assert list_checkpoints(tmp_path / "c.safetensors.run")
     replaced = train(config(dataset, class_dir, tmp_path / "c.safetensors", steps=5, lr=5e-4, overwrite=True))
     assert replaced.output.exists() and replaced.steps_done == 5
 
@@ -246,7 +258,8 @@ from training.models import build_tiny
 from training.train import train
 from training.train_config import TrainConfig
 model = build_tiny()
-cfg = TrainConfig(instance_dir=sys.argv[1], output=sys.argv[2], class_dir=sys.argv[3], steps=4, rank=4,
+cfg = TrainConfig(instance_dir=sys.argv[1], output=sys.argv[2], prior_preservation=True, class_dir=sys.argv[3],
+                  steps=4, rank=4,
                   num_class_images=2, save_every=0, seed=2)
 train(cfg, model=model)
 from accelerate import PartialState
@@ -270,3 +283,17 @@ def test_two_process_accelerate_launch_keeps_ranks_in_step(dataset, class_dir, t
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(v.abs().max() > 0 for k, v in rank0.items() if "lora_B" in k)
     assert out.exists()
+
+
+def test_defaults_are_decided_once_in_the_config_and_the_hash_is_that_of_the_effective_config():
+    from training.train_config import METHOD_DEFAULTS
+
+    lora, db = TrainConfig(), TrainConfig(method="dreambooth")
+    assert (lora.steps, lora.lr, lora.alpha, lora.text_encoder_lr) == (800, 1e-4, 16.0, 1e-4)
+    assert (db.steps, db.lr) == (METHOD_DEFAULTS["dreambooth"]["steps"], METHOD_DEFAULTS["dreambooth"]["lr"])
+    assert TrainConfig(steps=None).result_hash() == TrainConfig(steps=800).result_hash() == lora.result_hash()
+    assert TrainConfig(steps=0, lr=0, alpha=0).result_hash() == lora.result_hash()  # the node's 0 = "the default"
+    assert TrainConfig(alpha=16).result_hash() == lora.result_hash() != TrainConfig(alpha=8).result_hash()
+    # the hashes that outputs written before defaults moved into the config carry (reused, not refused)
+    assert (lora.result_hash(), db.result_hash()) == ("d055802e5aa64bf1", "fc608b49f2aaba0d")
+    assert not lora.prior_preservation and lora.mixed_precision == "auto"

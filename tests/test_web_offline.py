@@ -104,3 +104,52 @@ def test_chart_module_loads_outside_a_browser(modules):
     area = out["area"]
     assert 0 < area["width"] < 400 and 0 < area["height"] < 200
     assert out["colors"] == ["loss", "average", "lr"]
+
+
+IDENTITY_SCRIPT = """
+import { TrainingSeries, formatStatus } from "./train_progress.js";
+import { drawChart, IDENTITY_COLOR } from "./loss_chart.js";
+// A canvas stand-in that records the color of every filled arc (the identity dots).
+globalThis.window = { devicePixelRatio: 1 };
+globalThis.getComputedStyle = () => ({ getPropertyValue: () => "" });
+function fakeCanvas() {
+  const dots = [];
+  const ctx = new Proxy({ fillStyle: "", strokeStyle: "" }, {
+    get(target, name) {
+      if (name in target) return target[name];
+      if (name === "measureText") return () => ({ width: 10 });
+      if (name === "arc") return (x, y) => target._arcs.push([x, y]);
+      if (name === "fill") return () => { for (const a of target._arcs) dots.push([target.fillStyle, ...a]); target._arcs = []; };
+      if (name === "beginPath") return () => { target._arcs = []; };
+      return () => {};
+    },
+    set(target, name, value) { target[name] = value; return true; },
+  });
+  return { canvas: { clientWidth: 400, clientHeight: 200, width: 0, height: 0, getContext: () => ctx }, dots };
+}
+const out = {};
+for (const withIdentity of [false, true]) {
+  const s = new TrainingSeries();
+  for (let step = 1; step <= 30; step++) {
+    const scores = withIdentity && step % 10 === 0 ? { identity: 0.9 - step / 100 } : {};
+    s.add({ step, total: 30, loss: 0.1, lr: 1e-4, ...scores });
+  }
+  const { canvas, dots } = fakeCanvas();
+  drawChart(canvas, s);
+  const identityDots = dots.filter((d) => d[0] === IDENTITY_COLOR);
+  out[withIdentity] = { dots: identityDots.length, ys: identityDots.map((d) => d[2]), status: formatStatus(s),
+                        finite: s.identity.filter(Number.isFinite) };
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_identity_line_is_drawn_only_when_events_carry_it(modules):
+    out = run_node(modules, IDENTITY_SCRIPT)
+    assert out["false"]["dots"] == 0 and "identity" not in out["false"]["status"]
+    with_identity = out["true"]
+    assert with_identity["finite"] == pytest.approx([0.8, 0.7, 0.6])  # steps 10, 20, 30; NaN elsewhere
+    assert with_identity["dots"] == 3
+    ys = with_identity["ys"]
+    assert ys[0] < ys[1] < ys[2]  # a smaller distance is drawn lower (canvas y grows downwards)
+    assert with_identity["status"].endswith("identity 0.600 (step 30)")

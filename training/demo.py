@@ -30,14 +30,15 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from .errors import UserError
+from .eval import DEFAULT_FACE_DETECTOR
 from .models import SDModel, load_model
-from .progress import Cancelled, Progress, ProgressFn, no_progress
+from .progress import Progress, ProgressFn, no_progress
 from .safe_io import atomic_write_text
 from .prompts import SEED_NEGATIVE, scene_prompts
 
 if TYPE_CHECKING:
-    from .dataset import DatasetReport
-    from .evaluate import EvalReport
+    from .data import DatasetReport
+    from .eval.report import EvalReport
 
 SAMPLE_PHOTOS = Path(__file__).resolve().parent / "sample_data" / "subject"
 REAL_BASE_FLAG = "--base path/to/v1-5-pruned-emaonly.safetensors"
@@ -71,7 +72,7 @@ class DemoConfig:
     seed: int = 0
     clip: str | None = None
     dino: str | None = None
-    face_detector: str = "hog+cnn"
+    face_detector: str = DEFAULT_FACE_DETECTOR
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -130,8 +131,7 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, progress: ProgressFn = no_progress,
-             *, quick: bool = False, config: DemoConfig | None = None,
-             should_cancel: Callable[[], bool] = lambda: False) -> DemoResult:
+             *, quick: bool = False, config: DemoConfig | None = None) -> DemoResult:
     """Run the three-scene test on `base` into `out_dir` and write `report.md` there.
 
     `config` overrides `base`, `steps` and `quick` with every setting; `progress` sees each step numbered."""
@@ -152,7 +152,7 @@ def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, 
     plan = _Plan.make(cfg, model)
     with _single_thread(noise):
         with stages.step("prepare photos"):
-            from .dataset import PrepareConfig, prepare_dataset
+            from .data import PrepareConfig, prepare_dataset
 
             dataset = prepare_dataset(cfg.photos, out / f"dataset_{plan.resolution}px",
                                       PrepareConfig(token=cfg.token, class_word=cfg.class_word,
@@ -160,7 +160,7 @@ def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, 
         runs = []
         for method in cfg.methods:
             with stages.step(f"train {method}"):
-                runs.append(_train(cfg, plan, method, model, dataset.folder, out, stages.sub(), should_cancel))
+                runs.append(_train(cfg, plan, method, model, dataset.folder, out, stages.sub()))
         lora = next((r for r in runs if r.method == "lora"), None)
         if lora is not None and cfg.smaller_ranks:
             with stages.step("resize lora") as report:
@@ -170,7 +170,7 @@ def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, 
         with stages.step("generate") as report:
             images = _generate_all(cfg, plan, model, runs, out / "images", report)
         with stages.step("evaluate"):
-            from .evaluate import run_evaluate
+            from .eval.run import run_evaluate
 
             evaluation = run_evaluate(out / "images", cfg.photos, out / "evaluation", clip=cfg.clip, dino=cfg.dino,
                                       token=cfg.token, face_detector=cfg.face_detector, progress=stages.sub())
@@ -192,12 +192,12 @@ class _Plan:
 
     @classmethod
     def make(cls, cfg: DemoConfig, model: SDModel) -> "_Plan":
-        from .train_config import DEFAULTS
+        from .train_config import METHOD_DEFAULTS
 
         defaults = TINY_DEFAULTS if model.family == "tiny" else REAL_DEFAULTS
         steps = cfg.steps or defaults["steps"]
         return cls(resolution=model.resolution,
-                   steps={m: steps or DEFAULTS[m]["steps"] for m in ("lora", "dreambooth")},
+                   steps={m: steps or METHOD_DEFAULTS[m]["steps"] for m in ("lora", "dreambooth")},
                    class_images=cfg.class_images or defaults["class_images"],
                    sample_steps=cfg.sample_steps or defaults["sample_steps"])
 
@@ -242,7 +242,7 @@ def _slug(base: str) -> str:
 
 
 def _train(cfg: DemoConfig, plan: _Plan, method: str, model: SDModel, dataset: Path, out: Path,
-           progress: ProgressFn, should_cancel: Callable[[], bool]) -> DemoRun:
+           progress: ProgressFn) -> DemoRun:
     from .train import train
     from .train_config import TrainConfig
 
@@ -254,11 +254,9 @@ def _train(cfg: DemoConfig, plan: _Plan, method: str, model: SDModel, dataset: P
     tcfg = TrainConfig(method=method, base=cfg.base, instance_dir=str(dataset),
                        output=str(out / "models" / f"{name}.safetensors"), token=cfg.token,
                        class_word=cfg.class_word, steps=steps, num_class_images=plan.class_images,
-                       class_dir=str(out / "class_images"), seed=cfg.seed, **extra)
+                       prior_preservation=True, class_dir=str(out / "class_images"), seed=cfg.seed, **extra)
     started = time.perf_counter()
-    result = train(tcfg, progress=progress, should_cancel=should_cancel, model=_editable_copy(model))
-    if result.cancelled:
-        raise Cancelled(f"training {method} was cancelled at step {result.steps_done}; run the demo again to resume")
+    result = train(tcfg, progress=progress, model=_editable_copy(model))  # a Cancelled from progress stops it here
     run_dir = tcfg.run_path
     return DemoRun(method, rank, result.output, steps, reused=result.reused, seconds=time.perf_counter() - started,
                    final_loss=result.final_loss if result.final_loss is not None else _last_loss(run_dir),
@@ -266,15 +264,14 @@ def _train(cfg: DemoConfig, plan: _Plan, method: str, model: SDModel, dataset: P
 
 
 def _last_loss(run_dir: Path) -> float | None:
-    try:
-        lines = (run_dir / "loss.jsonl").read_text(encoding="utf-8").splitlines()
-        return float(json.loads(lines[-1])["loss"]) if lines else None
-    except (OSError, ValueError, KeyError):
-        return None
+    from .loss_log import read_loss_log
+
+    rows = read_loss_log(run_dir)
+    return rows[-1].get("loss") if rows else None
 
 
 def _resize(lora: DemoRun, rank: int) -> DemoRun:
-    from .lora_format import read_lora, resize, write_kohya
+    from .lora import read_lora, resize, write_kohya
 
     started = time.perf_counter()
     small, layers = resize(read_lora(lora.path), rank=rank)

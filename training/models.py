@@ -5,7 +5,6 @@ Nothing here touches the network: configs and the CLIP tokenizer ship in `config
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from safetensors import safe_open
 
 from . import ldm_keys
 from .errors import UserError
+from .quiet import quiet_libraries
 from .safe_io import atomic_save_safetensors
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -134,7 +134,7 @@ def _check_size(path: Path, name: str) -> None:
 
 def _detect_family(f, keys: list[str], name: str) -> str:
     if any(".lora_down." in k or ".lora_up." in k or "lora_A" in k or ".hada_" in k or ".lokr_" in k for k in keys[:2000]):
-        raise UserError(f"{name} is a LoRA, not a base model; pick an SD1.5 checkpoint as the base and load the LoRA with Load Subject LoRA.")
+        raise UserError(f"{name} is a LoRA, not a base model; pick an SD1.5 checkpoint as the base and apply the LoRA on top of it.")
     if any(k.startswith("conditioner.embedders.") for k in keys) or f"{ldm_keys.UNET_PREFIX}label_emb.0.0.weight" in keys:
         raise UserError(f"{name} is an SDXL checkpoint; this pack trains Stable Diffusion 1.5, so pick an SD1.5 checkpoint.")
     if not any(k.startswith(ldm_keys.UNET_PREFIX) for k in keys):
@@ -254,18 +254,6 @@ def stored_unet_dtype(base: str | os.PathLike) -> torch.dtype:
     return _DTYPES.get(dtype, torch.float32)
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlogging.set_verbosity(level)
-
-
 def _load_single_file(path: Path, dtype: torch.dtype, unet_dtype: torch.dtype) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -279,7 +267,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, unet_dtype: torch.dtype) -
     # gets a mapping of its own, so pages the VAE and text encoder read go when they are released.
     checkpoint = load_file(str(path))
     common = dict(config=str(folder), local_files_only=True, torch_dtype=dtype)
-    with _quiet_diffusers():  # it warns about fp32-only modules on every cast, listing none
+    with quiet_libraries():  # diffusers warns about fp32-only modules on every cast, listing none
         vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
         text_encoder = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, checkpoint, subfolder="text_encoder", config=str(folder), torch_dtype=dtype,
@@ -391,19 +379,6 @@ def save_single_file(model: SDModel, path: str | os.PathLike, dtype: torch.dtype
     }
     meta |= metadata or {}
     return atomic_save_safetensors(to_ldm_state_dict(model, dtype), path, meta)
-
-
-def save_diffusers_folder(model: SDModel, folder: str | os.PathLike) -> Path:
-    """Write the model as a diffusers folder (safetensors weights, configs, tokenizer)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, module in model.components().items():
-        module.save_pretrained(folder / name, safe_serialization=True)
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-    (folder / "model_index.json").write_text((FAMILY_CONFIGS[model.family] / "model_index.json").read_text())
-    return folder
 
 
 # ---------------------------------------------------------------- describing

@@ -17,6 +17,9 @@ SEED_SCENES = {
     "desert": "middle view portrait of {token} {class}, in the desert, running, 4K, raw, hrd, hd, high quality, realism, sharp focus",
     "mountains": "close-up portrait of {token} {class}, in the mountains, snow, trees, standing, 4K, raw, hrd, hd, high quality, realism, sharp focus",
 }
+# The off-identity probe of the validation set: a subject rendered without the purple hair means the run
+# is overfitting (the token has learned one picture, not a person who can be changed by the prompt).
+PROBE_PROMPT = "{token} {class} with purple hair"
 
 
 def fill_prompt(template: str, token: str, class_word: str) -> str:

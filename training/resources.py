@@ -70,6 +70,48 @@ def memory_warning(cfg: TrainConfig, model, resolution: int, device: torch.devic
             f"it may run out of memory; {lower_settings(cfg, resolution)}.")
 
 
+def fit_to_memory(cfg: TrainConfig, model, resolution: int, free: float, device_name: str, eight_bit_adam: bool,
+                  resumed_optimizer: str | None = None) -> list[str]:
+    """Turn on what a DreamBooth run needs to fit in `free` bytes, cheapest first; one line per change.
+
+    The rule: while the estimate exceeds the device's free memory, gradient checkpointing (the same
+    numbers, about a third slower), then 8-bit AdamW if `eight_bit_adam` (bitsandbytes importable,
+    on a GPU; Adam's moments in a quarter of the memory, slightly different numbers). A resumed run
+    keeps the optimizer its checkpoint was written with. LoRA runs are left as set: their memory is
+    activations, and the memory warning names the settings for those. Changes `cfg` in place.
+    """
+    if resumed_optimizer:
+        cfg.optimizer = resumed_optimizer
+    if cfg.method != "dreambooth":
+        return []
+    notes = []
+
+    def needed() -> float:
+        return estimate_memory(cfg, model, resolution).total
+
+    if not cfg.gradient_checkpointing and needed() > free:
+        notes.append(f"Gradient checkpointing is on for this run: it needs about {needed() / GB:.1f} GB without it "
+                     f"and {device_name} has {free / GB:.1f} GB free.")
+        cfg.gradient_checkpointing = True
+    if not resumed_optimizer and eight_bit_adam and cfg.optimizer == "adamw" and needed() > free:
+        notes.append(f"The optimizer is 8-bit AdamW (bitsandbytes) for this run: it needs about {needed() / GB:.1f} GB "
+                     f"with AdamW and {device_name} has {free / GB:.1f} GB free.")
+        cfg.optimizer = "adamw8bit"
+    return notes
+
+
+def memory_notes(cfg: TrainConfig, model, resolution: int, device: torch.device,
+                 resumed_optimizer: str | None = None) -> list[str]:
+    """fit_to_memory on this device, then the warning if the run still does not fit."""
+    import importlib.util
+
+    free, name = available_memory(device)
+    eight_bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    notes = fit_to_memory(cfg, model, resolution, free, name, eight_bit, resumed_optimizer)
+    warning = memory_warning(cfg, model, resolution, device)
+    return notes + ([warning] if warning else [])
+
+
 def lower_settings(cfg: TrainConfig, resolution: int) -> str:
     """The concrete settings that cut memory the most, for this config."""
     tips = []

@@ -127,6 +127,14 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     return Path(path)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file's header (empty when it has none); reads no tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def atomic_save_image(image, path: str | os.PathLike, **kw) -> Path:
     """Save a PIL image atomically; the format comes from `path`'s suffix."""
     path = Path(path)

@@ -7,6 +7,7 @@ import torch
 
 from .models import SDModel
 from .progress import Progress, ProgressFn, no_progress
+from .quiet import quiet_libraries
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 
@@ -22,14 +23,8 @@ def make_scheduler(model: SDModel, sampler: str = "ddim"):
 
 def make_pipeline(model: SDModel, sampler: str = "ddim"):
     """A StableDiffusionPipeline over the model's own modules (no copies, no safety checker)."""
-    from transformers.utils import logging as tlogging
-
-    level = tlogging.get_verbosity()
-    tlogging.set_verbosity_error()  # importing the pipeline notes that torchvision is absent; it is not needed
-    try:
+    with quiet_libraries():  # importing the pipeline notes that torchvision is absent; it is not needed
         from diffusers import StableDiffusionPipeline
-    finally:
-        tlogging.set_verbosity(level)
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=make_scheduler(model, sampler), safety_checker=None, feature_extractor=None,

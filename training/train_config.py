@@ -1,4 +1,7 @@
-"""The one configuration of a training job, validated once at the boundary."""
+"""The one configuration of a training job: every default decided here, validated once at the boundary.
+
+Each field's `metadata["help"]` is the text the CLI's `--help` and the node tooltips quote.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,14 +9,14 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, input_name, turn_on
 from .prompts import SEED_NEGATIVE, SEED_SCENES, stray_braces
 from .safe_io import file_name_problem
 
 METHODS = ("lora", "dreambooth")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 # What LoRA adapts, by module names inside the UNet's transformer blocks (diffusers naming).
 TARGETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -22,67 +25,130 @@ TARGETS = {
                      "conv1", "conv2", "conv_shortcut"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DEFAULTS = {"lora": {"steps": 800, "lr": 1e-4}, "dreambooth": {"steps": 400, "lr": 2e-6}}
+# The one table of method defaults; help text, node tooltips and README quote it.
+METHOD_DEFAULTS = {"lora": {"steps": 800, "lr": 1e-4}, "dreambooth": {"steps": 400, "lr": 2e-6}}
+DEFAULT_CLASS_IMAGES = 100
+PIVOTAL_TOKENS = 2  # what `--pivotal` (and the node's first step up from 0) means: two new tokens
 # Fields that change the result; the rest (where files go, how often to report) do not.
 NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "validation_prompts", "validation_negative",
-                 "resume", "overwrite", "class_dir", "gradient_checkpointing"}
+                 "resume", "overwrite", "class_dir", "gradient_checkpointing", "embedding_dir"}
+# Fields added after outputs were first written: left out of the hash while off, so a finished
+# output of an equal effective config is still reused.
+HASHED_ONLY_WHEN_SET: dict[str, object] = {}
+
+
+def method_defaults_text(key: str) -> str:
+    """'LoRA 800, DreamBooth 400': a method-dependent default as help text quotes it."""
+    names = {"lora": "LoRA", "dreambooth": "DreamBooth"}
+    return ", ".join(f"{names[m]} {d[key]:g}" for m, d in METHOD_DEFAULTS.items())
+
+
+def resolve_precision(choice: str) -> str:
+    """'auto': bf16 on a GPU that supports it, else fp16 on a GPU, 'no' (fp32) on the CPU."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class TrainConfig:
-    method: str = "lora"
-    base: str = "tiny"
-    instance_dir: str = ""
-    output: str = ""
-    token: str = "sks"
-    class_word: str = "man"
-    resolution: int | None = None  # None: the base's own (512 for SD1.5, 64 for tiny)
-    steps: int | None = None  # None: LoRA 800, DreamBooth 400
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float | None = None  # None: LoRA 1e-4, DreamBooth 2e-6 (the seed used 2e-5 with linear)
-    text_encoder_lr: float | None = None  # None: same as lr
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"
-    train_text_encoder: bool = False
-    rank: int = 16
-    alpha: float | None = None  # None: = rank
-    targets: str = "attn"
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    class_prompt: str = "a photo of a {class}"
-    class_negative: str = ""
-    class_steps: int = 30  # sampling steps when the trainer generates the class images itself
-    class_dir: str | None = None  # a folder of class images, used as is; empty or None: generated and cached
-    flip: bool = False
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 100
-    validation_prompts: list[str] = field(default_factory=lambda: list(SEED_SCENES.values()))
-    validation_negative: str = SEED_NEGATIVE
-    validation_every: int = 0  # 0: no validation images during training
-    run_dir: str | None = None  # checkpoints, loss log, validation images; None: <output>.run/
-    resume: bool = True  # a run restarted with the same config and output continues where it stopped
-    overwrite: bool = False
+    method: str = field(default="lora", metadata=_help(
+        "lora: small low-rank updates of the UNet; dreambooth: the whole UNet is trained and a checkpoint written"))
+    base: str = field(default="tiny", metadata=_help(
+        "the model to train on: an SD1.5 .safetensors checkpoint, a diffusers folder, or 'tiny' (random weights, "
+        "for tests)"))
+    instance_dir: str = field(default="", metadata=_help(
+        "the folder of subject photos, or a dataset folder made by `prepare`"))
+    output: str = field(default="", metadata=_help("the .safetensors file to write (a LoRA or a checkpoint)"))
+    token: str = field(default="sks", metadata=_help("the trigger word that names the subject in captions"))
+    class_word: str = field(default="man", metadata=_help("the subject's class: man, woman, dog, ..."))
+    resolution: int | None = field(default=None, metadata=_help(
+        "training size in pixels; unset: the base's own (512 for SD1.5, 64 for tiny)"))
+    steps: int | None = field(default=None, metadata=_help(
+        f"optimizer steps; 0 or unset: the method's default ({method_defaults_text('steps')})"))
+    batch_size: int = field(default=1, metadata=_help(
+        "subject images per step (plus as many class images with prior preservation)"))
+    grad_accum: int = field(default=1, metadata=_help("batches accumulated into one optimizer step"))
+    lr: float | None = field(default=None, metadata=_help(
+        f"learning rate; 0 or unset: the method's default ({method_defaults_text('lr')})"))
+    text_encoder_lr: float | None = field(default=None, metadata=_help(
+        "learning rate of the text encoder when it is trained; unset: the same as lr"))
+    lr_scheduler: str = field(default="constant", metadata=_help("how the learning rate changes over the steps"))
+    lr_warmup_steps: int = field(default=0, metadata=_help("steps of linear warm-up from 0 to lr"))
+    optimizer: str = field(default="adamw", metadata=_help(
+        "adamw: the usual; adamw8bit: less memory (bitsandbytes, GPU); prodigy: sets its own step size "
+        "(use lr 1; prodigyopt)"))
+    train_text_encoder: bool = field(default=False, metadata=_help(
+        "also train the text encoder (LoRA on its attention; better identity, more memory, easier to overfit)"))
+    rank: int = field(default=16, metadata=_help("LoRA rank: the capacity of the update (4 to 128 is usual)"))
+    alpha: float | None = field(default=None, metadata=_help(
+        "LoRA alpha; the update is scaled by alpha / rank; 0 or unset: equal to rank (scale 1)"))
+    targets: str = field(default="attn", metadata=_help(
+        "which UNet layers LoRA adapts: attention, + feed-forward, + convolutions"))
+    pivotal_tokens: int = field(default=0, metadata=_help(
+        f"pivotal tuning (LoRA only): the trigger word becomes N new tokens whose embedding trains with the LoRA "
+        f"for the first pivotal_frac of the steps, then stays fixed; the LoRA file carries it and a "
+        f"<output>_embedding.safetensors is written beside it ({PIVOTAL_TOKENS} is usual; 0: off)"))
+    pivotal_lr: float = field(default=5e-4, metadata=_help(
+        "learning rate of the new token embedding (textual inversion's usual 5e-4)"))
+    pivotal_frac: float = field(default=0.5, metadata=_help(
+        "the fraction of the steps during which the token embedding trains (diffusers' advanced script: 0.5)"))
+    embedding_dir: str | None = field(default=None, metadata=_help(
+        "folder for the standalone embedding file of pivotal tuning; unset: beside the output"))
+    prior_preservation: bool = field(default=False, metadata=_help(
+        "also train on images of the class (generated by the base once and cached, or given in class_dir) so the "
+        "class word keeps its meaning; off by default, as in diffusers' scripts"))
+    prior_loss_weight: float = field(default=1.0, metadata=_help("weight of the class images' loss"))
+    num_class_images: int = field(default=DEFAULT_CLASS_IMAGES, metadata=_help(
+        "class images used with prior preservation (missing ones are generated)"))
+    class_prompt: str = field(default="a photo of a {class}", metadata=_help(
+        "prompt of the class images; {class} is the class word"))
+    class_negative: str = field(default="", metadata=_help("negative prompt of generated class images"))
+    class_steps: int = field(default=30, metadata=_help("sampling steps of generated class images"))
+    class_dir: str | None = field(default=None, metadata=_help(
+        "a folder of class images, used as they are; empty: they are generated and cached in it (unset: "
+        "class_images/ beside the output)"))
+    flip: bool = field(default=False, metadata=_help("also train on mirrored photos"))
+    noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05 to 0.1 helps very dark or bright "
+                                                            "images; 0: off)"))
+    min_snr_gamma: float | None = field(default=None, metadata=_help("Min-SNR loss weighting gamma (5 is usual); "
+                                                                     "unset: off"))
+    mixed_precision: str = field(default="auto", metadata=_help(
+        "compute precision (weights stay fp32); auto: bf16 on a GPU that has it, else fp16; fp32 ('no') on the CPU"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in the backward pass: much less memory, about a third slower"))
+    seed: int = field(default=0, metadata=_help("seed of the LoRA initialisation, the noise and the timesteps"))
+    save_every: int = field(default=100, metadata=_help("write a resumable checkpoint every N steps (0: never)"))
+    validation_prompts: list[str] = field(default_factory=lambda: list(SEED_SCENES.values()), metadata=_help(
+        "prompts rendered every validation_every steps; {token} and {class} are filled in"))
+    validation_negative: str = field(default=SEED_NEGATIVE, metadata=_help("negative prompt of the validation images"))
+    validation_every: int = field(default=0, metadata=_help("render the validation prompts every N steps (0: never)"))
+    run_dir: str | None = field(default=None, metadata=_help(
+        "checkpoints, loss log and validation images; unset: <output>.run/ beside the output"))
+    resume: bool = field(default=True, metadata=_help(
+        "continue from the last checkpoint of the same run and config"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing output made by another config"))
+
+    def __post_init__(self) -> None:
+        """Method defaults are decided here, once: steps, lr, alpha and text_encoder_lr are numbers from now on."""
+        defaults = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["lora"])
+        if not self.steps:
+            self.steps = defaults["steps"]
+        if not self.lr:
+            self.lr = defaults["lr"]
+        self.alpha = float(self.alpha or self.rank)
+        if not self.text_encoder_lr:
+            self.text_encoder_lr = self.lr
 
     # ---------------------------------------------------------------- derived
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps if self.steps is not None else DEFAULTS[self.method]["steps"]
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULTS[self.method]["lr"]
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
 
     @property
     def output_path(self) -> Path:
@@ -96,24 +162,30 @@ class TrainConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     def result_hash(self) -> str:
-        """A hash of everything that changes the trained weights (not where files go)."""
+        """A hash of everything that changes the trained weights (not where files go); equal for equal
+        effective configs, and as it was before defaults were resolved in the config."""
         data = {k: v for k, v in asdict(self).items() if k not in NOT_IN_RESULT}
-        data["steps"], data["lr"] = self.total_steps, self.learning_rate
+        data["mixed_precision"] = resolve_precision(self.mixed_precision)
+        # the values these had when unset were hashed as None
+        data["alpha"] = None if self.alpha == self.rank else self.alpha
+        data["text_encoder_lr"] = None if self.text_encoder_lr == self.lr else self.text_encoder_lr
+        for name, off in HASHED_ONLY_WHEN_SET.items():
+            if data.get(name) == off:
+                del data[name]
+        if not self.pivotal_tokens:  # off: its settings change nothing
+            for name in ("pivotal_tokens", "pivotal_lr", "pivotal_frac"):
+                data.pop(name, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
     # ---------------------------------------------------------------- validation
 
     def problems(self) -> list[str]:
-        """One line per bad field; empty when the config is good."""
+        """One line per bad field ("field: why", the field as the user's surface names it: errors.input_name);
+        empty when the config is good."""
         p = []
 
         def bad(name: str, why: str) -> None:
-            p.append(f"{name}: {why}")
+            p.append(f"{input_name(name)}: {why}")
 
         if self.method not in METHODS:
             bad("method", f"'{self.method}' is not one of {', '.join(METHODS)}")
@@ -137,15 +209,15 @@ class TrainConfig:
             bad("class_word", "give the class of the subject, such as 'man', 'woman' or 'dog'")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
             bad("resolution", f"{self.resolution} must be a multiple of 8 and at least 64 (512 for SD1.5)")
-        if self.steps is not None and self.steps < 1:
+        if (self.steps or 0) < 1:
             bad("steps", f"{self.steps} must be at least 1")
         if self.batch_size < 1:
             bad("batch_size", f"{self.batch_size} must be at least 1")
         if self.grad_accum < 1:
             bad("grad_accum", f"{self.grad_accum} must be at least 1")
-        if self.lr is not None and not self.lr > 0:
-            bad("lr", f"{self.lr} must be greater than 0 (LoRA: 1e-4, DreamBooth: 2e-6)")
-        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+        if not (self.lr or 0) > 0:
+            bad("lr", f"{self.lr} must be greater than 0 ({method_defaults_text('lr')})")
+        if not (self.text_encoder_lr or 0) > 0:
             bad("text_encoder_lr", f"{self.text_encoder_lr} must be greater than 0")
         if self.lr_scheduler not in SCHEDULERS:
             bad("lr_scheduler", f"'{self.lr_scheduler}' is not one of {', '.join(SCHEDULERS)}")
@@ -156,10 +228,19 @@ class TrainConfig:
         if self.method == "lora":
             if self.rank < 1:
                 bad("rank", f"{self.rank} must be at least 1 (4 to 128 is usual)")
-            if self.alpha is not None and not self.alpha > 0:
+            if not (self.alpha or 0) > 0:
                 bad("alpha", f"{self.alpha} must be greater than 0 (usually equal to rank)")
             if self.targets not in TARGETS:
                 bad("targets", f"'{self.targets}' is not one of {', '.join(TARGETS)}")
+        if self.pivotal_tokens:
+            if self.method != "lora":
+                bad("pivotal_tokens", "pivotal tuning trains a LoRA; set method to lora, or pivotal_tokens to 0")
+            elif not 0 < self.pivotal_tokens <= 16:
+                bad("pivotal_tokens", f"{self.pivotal_tokens} must be 0 (off) or 1 to 16 (2 is usual)")
+            if not self.pivotal_lr > 0:
+                bad("pivotal_lr", f"{self.pivotal_lr} must be greater than 0 (5e-4 is usual)")
+            if not 0 < self.pivotal_frac <= 1:
+                bad("pivotal_frac", f"{self.pivotal_frac} must be above 0 and at most 1 (0.5 is usual)")
         if self.prior_preservation:
             if self.num_class_images < 1:
                 bad("num_class_images", "must be at least 1 with prior preservation on")
@@ -167,6 +248,9 @@ class TrainConfig:
                 bad("prior_loss_weight", "must be 0 or more")
             if self.class_steps < 1:
                 bad("class_steps", "must be at least 1")
+        elif self.class_dir:
+            bad("class_dir", f"class images are used only with {input_name('prior_preservation')} on; "
+                             f"{turn_on('prior_preservation')} or leave {input_name('class_dir')} empty")
         for name, texts in (("class_prompt", [self.class_prompt]), ("validation_prompts", self.validation_prompts),
                             ("validation_negative", [self.validation_negative])):
             stray = next((b for t in texts if (b := stray_braces(t))), None)
@@ -178,12 +262,21 @@ class TrainConfig:
             bad("min_snr_gamma", "must be greater than 0 (5 is usual), or left empty for off")
         if self.mixed_precision not in PRECISIONS:
             bad("mixed_precision", f"'{self.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
+        elif self.mixed_precision == "fp16" and resolve_precision("auto") == "no":
+            bad("mixed_precision", "fp16 needs a GPU; choose auto, no or bf16 to train on the CPU")
         if self.save_every < 0 or self.validation_every < 0:
             bad("save_every" if self.save_every < 0 else "validation_every", "must be 0 (off) or more")
         return p
 
     def validate(self) -> "TrainConfig":
+        """Refuse a bad config in one line; then decide precision 'auto' for this machine."""
         problems = self.problems()
         if problems:
             raise UserError("; ".join(problems) + ".")
+        self.mixed_precision = resolve_precision(self.mixed_precision)
         return self
+
+
+def field_help(name: str) -> str:
+    """A field's help text (what the CLI's --help and the node tooltips show)."""
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)

@@ -95,8 +95,9 @@ def directory_args(host: Path, base: Path) -> list[str]:
 class ComfyServer:
     """A running ComfyUI server and small HTTP helpers around it."""
 
-    def __init__(self, host: Path, python: str, base_dir: Path, log_path: Path):
+    def __init__(self, host: Path, python: str, base_dir: Path, log_path: Path, listen: str = "127.0.0.1"):
         self.host, self.python, self.base_dir, self.log_path = host, python, base_dir, log_path
+        self.listen = listen  # e.g. "0.0.0.0": a server others can reach (requests still go to 127.0.0.1)
         self.pack_dir = base_dir / "custom_nodes" / PACK_NAME
         self.url = f"http://127.0.0.1:{free_port()}"
         self.process = None
@@ -104,7 +105,7 @@ class ComfyServer:
     def start(self) -> None:
         port = self.url.rsplit(":", 1)[1]
         command = [self.python, "main.py", "--cpu", "--disable-api-nodes",
-                   "--listen", "127.0.0.1", "--port", port,
+                   "--listen", self.listen, "--port", port,
                    *directory_args(self.host, self.base_dir)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
@@ -162,18 +163,24 @@ class ComfyServer:
         pytest.fail(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log_tail()}")
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
+def new_server(root: Path, listen: str = "127.0.0.1", base_dir: Path | None = None) -> ComfyServer:
+    """A server (not started) with its own base directory under `root`, or on `base_dir` (e.g. another
+    server's, to restart on the same folders); its log is root/comfyui.log."""
     reason = missing_host_reason()
     if reason:
         pytest.skip(reason)
     host = find_host()
-    root = tmp_path_factory.mktemp("comfyui")
-    base_dir = root / "base"
-    for folder in ["models/checkpoints", "models/loras", "input", "output", "user", "custom_nodes"]:
-        (base_dir / folder).mkdir(parents=True)
-    (base_dir / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    server = ComfyServer(host, find_host_python(host), base_dir, root / "comfyui.log")
+    if base_dir is None:
+        base_dir = root / "base"
+        for folder in ["models/checkpoints", "models/loras", "input", "output", "user", "custom_nodes"]:
+            (base_dir / folder).mkdir(parents=True)
+        (base_dir / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    return ComfyServer(host, find_host_python(host), base_dir, root / "comfyui.log", listen=listen)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    server = new_server(tmp_path_factory.mktemp("comfyui"))
     try:
         server.start()
         yield server

@@ -231,7 +231,7 @@ CASES = [
           lambda s: write_base_stub(models(s, "checkpoints") / "inpaint.safetensors", in_channels=9).name,
           "inpaint.safetensors", "inpainting"),
     _base("train/base-is-a-lora", lambda s: write_lora(models(s, "checkpoints") / "a_lora.safetensors").name,
-          "a_lora.safetensors", "LoRA", "Load Subject LoRA"),
+          "a_lora.safetensors", "LoRA", "apply the LoRA on top"),
     _base("train/base-ckpt-pickle", pickled_ckpt, "model.ckpt", "pickle", "convert", never_created=("PWNED_ckpt",)),
     _base("train/base-truncated", lambda s: truncated_stub(models(s, "checkpoints") / "cut.safetensors"),
           "cut.safetensors", "truncated"),

@@ -51,3 +51,19 @@ def test_every_declared_node_is_listed(comfy_server):
     # A declared id missing here was ignored by the host, e.g. it clashes with a built-in.
     assert declared - listed == set(), "declared but not listed by the host"
     assert listed == declared
+
+
+def test_examples_are_in_the_template_browser(comfy_server):
+    """Workflow -> Browse Templates lists the three graphs under the pack's folder name and serves each
+    byte for byte as examples_workflows/ holds it (mirrored at load by nodes/templates.py)."""
+    import urllib.request
+
+    from host_helpers import EXAMPLES, WORKFLOWS
+
+    pack = comfy_server.pack_dir.name
+    listed = comfy_server.get("/workflow_templates")
+    assert sorted(listed.get(pack, [])) == sorted(EXAMPLES), listed
+    for name in EXAMPLES:
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{pack}/{name}.json",
+                                    timeout=30) as response:
+            assert response.read() == (WORKFLOWS / f"{name}.json").read_bytes(), name

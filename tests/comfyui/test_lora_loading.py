@@ -11,7 +11,7 @@ import torch
 from host_helpers import CHECKPOINT, ROOT, ensure_test_inputs, error_message
 from PIL import Image
 
-from training.lora_format import LoraFile, LoraLayer, module_table, write_kohya
+from training.lora import LoraFile, LoraLayer, module_table, write_kohya
 
 
 @pytest.fixture(scope="module")

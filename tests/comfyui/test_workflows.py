@@ -12,9 +12,9 @@ CANCEL_STEPS = 8
 MINI_ATTENTION_LAYERS = 32  # 4 transformer blocks x (attn1, attn2) x (q, k, v, out)
 
 
-def lora_format_reads_the_test_layout() -> bool:
-    """training/lora_format.py knows the sd15-mini layout of the test checkpoint (see the report)."""
-    from training.lora_format import module_table
+def lora_package_reads_the_test_layout() -> bool:
+    """training/lora/ knows the sd15-mini layout of the test checkpoint (see the report)."""
+    from training.lora import module_table
 
     try:
         module_table("sd15-mini")
@@ -110,7 +110,7 @@ def test_three_scene_lora_runs_and_is_not_trained_again(server):
     assert "lora key not loaded" not in server.log_text()
     info = text_of(entry, nodes_of(api, "DreamBoothLoadSubjectLoRA")[0])
     assert "trained rank 16" in info and "trigger: sks man" in info, info
-    if lora_format_reads_the_test_layout():  # every attention layer of the test UNet was trained and applied
+    if lora_package_reads_the_test_layout():  # every attention layer of the test UNet was trained and applied
         assert f"{MINI_ATTENTION_LAYERS} layers" in info, info
     saved = entry["outputs"][nodes_of(api, "SaveImage")[0]]["images"]
     assert len(saved) == 1 and (server.base_dir / "output" / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
@@ -140,8 +140,8 @@ def test_three_scene_dreambooth_runs(server):
 
 
 def test_rank_sweep_runs(server):
-    if not lora_format_reads_the_test_layout():
-        pytest.skip("training/lora_format.py cannot extract from the sd15-mini test checkpoint "
+    if not lora_package_reads_the_test_layout():
+        pytest.skip("training/lora/ cannot extract from the sd15-mini test checkpoint "
                     "(module_table('sd15-mini') fails)")
     api = load_workflow("rank_sweep", api=True)
     prompt = small_prompt(api)

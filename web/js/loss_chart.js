@@ -1,5 +1,6 @@
 // Draws a TrainingSeries (train_progress.js) on a <canvas>: raw loss, its trailing mean
-// (left axis) and the learning rate (right axis) against step. Plain canvas 2D, no chart
+// (left axis) and the learning rate (right axis) against step; with validation scores, the
+// identity distance of each validated step (0 at the bottom to 1 at the top: lower = closer). Plain canvas 2D, no chart
 // library: the pack has no build step and the frontend ships none we may rely on.
 
 import { AVERAGE_WINDOW } from "./train_progress.js";
@@ -9,6 +10,11 @@ export const COLORS = {
   average: "#ff9f40",
   lr: "#5fd068",
 };
+export const IDENTITY_COLOR = "#d65fd0";
+// The identity loss term (part of the loss, on its axis), where the trainer computed it.
+export const IDENTITY_LOSS_COLOR = "#e05a5a";
+// dlib's same-person threshold (FACE_MATCH_THRESHOLD in training/eval/scorers.py), drawn as a faint line.
+const IDENTITY_MATCH = 0.6;
 
 // Room around the plot for the axis labels (CSS pixels).
 const MARGIN = { left: 46, right: 52, top: 22, bottom: 20 };
@@ -54,7 +60,7 @@ export function drawChart(canvas, series) {
   const last = series.steps[series.steps.length - 1];
   // The x axis spans the whole run, so the drawn width shows how far training has come.
   const xRange = { min: first, max: Math.max(series.total, last, first + 1) };
-  const lossRange = paddedRange(series.loss.concat(series.average));
+  const lossRange = paddedRange(series.loss.concat(series.average, series.identityLoss));
   const lrRange = { min: 0, max: (finiteMax(series.lr) || 1) * 1.1 }; // from 0: warmup and decay read as such
   const x = (step) => area.x + ((step - xRange.min) / (xRange.max - xRange.min)) * area.width;
   const yLoss = (v) => area.y + area.height - ((v - lossRange.min) / (lossRange.max - lossRange.min)) * area.height;
@@ -69,9 +75,11 @@ export function drawChart(canvas, series) {
   drawLine(ctx, series.steps, series.lr, x, yLr, { color: COLORS.lr, width: 1.5, dash: [5, 3] });
   drawLine(ctx, series.steps, series.loss, x, yLoss, { color: COLORS.loss, width: 1, alpha: 0.55 });
   drawLine(ctx, series.steps, series.average, x, yLoss, { color: COLORS.average, width: 2 });
+  if (series.hasIdentityLoss) drawIdentityLoss(ctx, series, x, yLoss);
+  if (series.hasIdentity) drawIdentity(ctx, area, series, x);
   ctx.restore();
 
-  drawLegend(ctx, area, theme);
+  drawLegend(ctx, area, theme, series.hasIdentity, series.hasIdentityLoss);
 }
 
 function drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss, yLr) {
@@ -107,12 +115,48 @@ function drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss,
   ctx.strokeRect(area.x + 0.5, area.y + 0.5, area.width - 1, area.height - 1);
 }
 
-function drawLegend(ctx, area, theme) {
+/** Identity distance per validated step: dots joined across the steps between validations. */
+function drawIdentity(ctx, area, series, x) {
+  const range = { min: 0, max: Math.max(1, finiteMax(series.identity) * 1.05) };
+  const y = (v) => area.y + area.height - ((v - range.min) / (range.max - range.min)) * area.height;
+  ctx.save();
+  ctx.strokeStyle = IDENTITY_COLOR;
+  ctx.globalAlpha = 0.35;
+  ctx.setLineDash([2, 3]);
+  line(ctx, area.x, y(IDENTITY_MATCH), area.x + area.width, y(IDENTITY_MATCH));
+  ctx.restore();
+  const steps = [];
+  const values = [];
+  series.identity.forEach((v, i) => {
+    if (Number.isFinite(v)) {
+      steps.push(series.steps[i]);
+      values.push(v);
+    }
+  });
+  drawLine(ctx, steps, values, x, y, { color: IDENTITY_COLOR, width: 2 });
+  ctx.fillStyle = IDENTITY_COLOR;
+  for (let i = 0; i < steps.length; i++) {
+    ctx.beginPath();
+    ctx.arc(x(steps[i]), y(values[i]), 2.5, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+}
+
+/** The identity loss term on the steps that computed it (every identity_every-th, low timesteps), joined. */
+function drawIdentityLoss(ctx, series, x, yLoss) {
+  const steps = series.steps.filter((_, i) => Number.isFinite(series.identityLoss[i]));
+  const values = series.identityLoss.filter(Number.isFinite);
+  drawLine(ctx, steps, values, x, yLoss, { color: IDENTITY_LOSS_COLOR, width: 1.5 });
+}
+
+function drawLegend(ctx, area, theme, withIdentity = false, withIdentityLoss = false) {
   const items = [
     [COLORS.loss, "loss"],
     [COLORS.average, `mean of ${AVERAGE_WINDOW}`],
     [COLORS.lr, "learning rate (right)"],
   ];
+  if (withIdentityLoss) items.push([IDENTITY_LOSS_COLOR, "identity term"]);
+  if (withIdentity) items.push([IDENTITY_COLOR, "identity distance (0-1)"]);
   ctx.textAlign = "left";
   ctx.textBaseline = "middle";
   let left = area.x;

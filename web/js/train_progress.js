@@ -17,11 +17,22 @@ export class TrainingSeries {
     this.loss = []; // NaN where a step reported no loss
     this.average = []; // trailing mean of the last AVERAGE_WINDOW finite losses
     this.lr = [];
+    this.identity = []; // identity distance on validated steps (nodes/train.py forwards it), NaN elsewhere
+    this.lastIdentity = null; // {step, value} of the latest validated step that had one
+    this.identityLoss = []; // the identity loss term (identity_weight) on the steps that computed it, NaN elsewhere
     this.total = 0;
     this.latest = null; // the last event's detail, for the status line
     this.images = []; // the latest validation images: [{filename, subfolder, type}]
     this.imagesStep = null;
     this._window = [];
+  }
+
+  get hasIdentity() {
+    return this.lastIdentity !== null;
+  }
+
+  get hasIdentityLoss() {
+    return this.identityLoss.some(Number.isFinite);
   }
 
   get isEmpty() {
@@ -42,6 +53,10 @@ export class TrainingSeries {
     this.steps.push(step);
     this.loss.push(loss);
     this.lr.push(finiteOrNaN(detail.lr));
+    const identity = finiteOrNaN(detail.identity);
+    this.identity.push(identity);
+    if (Number.isFinite(identity)) this.lastIdentity = { step, value: identity };
+    this.identityLoss.push(finiteOrNaN(detail.identity_loss));
     if (Number.isFinite(loss)) {
       this._window.push(loss);
       if (this._window.length > AVERAGE_WINDOW) this._window.shift();
@@ -67,6 +82,8 @@ export function formatStatus(series) {
   if (d.step >= d.total) parts.push("done");
   else if (Number.isFinite(d.eta_s)) parts.push(`ETA ${formatDuration(d.eta_s)}`);
   if (Number.isFinite(d.loss)) parts.push(`loss ${d.loss.toFixed(4)}`);
+  const id = series.lastIdentity;
+  if (id) parts.push(`identity ${id.value.toFixed(3)} (step ${id.step})`);
   return parts.join(" · ");
 }
 

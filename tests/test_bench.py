@@ -1,0 +1,75 @@
+"""bench/bench_gpu.py cannot rot: its CPU smoke mode runs every row and prints the GPU table's columns."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_gpu import COLUMNS, Meter, Row, Settings, all_rows, flops_per_sample, peak_tflops  # noqa: E402
+
+
+def parse_table(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The markdown table of the bench's output: its header and one dict per row."""
+    lines = [x for x in text.splitlines() if x.startswith("|")]
+    assert len(lines) > 2, text
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return header, rows
+
+
+def test_peak_table_and_flop_count():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops("NVIDIA H100 PCIe") == 756
+    assert peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops("NVIDIA L4") == 121
+    assert peak_tflops("NVIDIA L40S") == 362
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == 165
+    assert peak_tflops("Some Other GPU") is None
+    assert flops_per_sample("lora", 512, False) == pytest.approx(1.6e12)
+    assert flops_per_sample("dreambooth", 512, True) == pytest.approx(3.2e12)
+    assert flops_per_sample("lora", 256, False) == pytest.approx(0.4e12)
+
+
+def test_meter_times_only_steps_after_the_warmup():
+    s = Settings(base="tiny", family="tiny", dataset="", class_dir="", work="", resolution=64, device="cpu",
+                 precision="no", rank=16, warmup=2, steps=100, window=5.0)
+    meter = Meter(s)
+    assert not meter.add(1, 100.0, None)  # the first steps are slow (allocation, autotuning): not timed
+    assert not meter.add(2, 110.0, None)
+    assert not meter.add(3, 111.0, None)
+    assert meter.add(6, 115.0, None)  # 5 s after the warm-up: enough
+    result = meter.result(Row("ours", "lora", 4), "ok", "CPU")
+    assert result.steps_per_s == pytest.approx(4 / 5)
+    assert result.samples_per_s == pytest.approx(8 * 4 / 5)  # 4 subject + 4 class images a step
+
+
+def test_smoke_prints_every_row_with_the_gpu_columns():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    header, rows = parse_table(run.stdout)
+    assert header == COLUMNS
+    assert [(r["row"], r["trainer"]) for r in rows] == [(r.name, r.trainer) for r in all_rows()]
+    names = {r["row"] for r in rows}
+    assert {"lora-b1", "lora-b4", "lora-b8", "dreambooth-b1", "dreambooth-b4", "lora-b8+gc",
+            "dreambooth-b4+gc", "lora-b8+channels_last", "lora-b8+compile"} <= names
+    for r in rows:
+        if "compile" in r["row"]:
+            assert r["status"].startswith("skipped"), r
+            continue
+        assert r["status"] == "ok", r
+        batch = int(r["row"].split("-b")[1].split("+")[0])
+        steps, samples = float(r["steps/s"]), float(r["samples/s"])
+        assert steps > 0 and samples == pytest.approx(2 * batch * steps, rel=0.02), r
+        if r["trainer"] == "ours":
+            assert r["samples/s vs ref"].endswith("x") and float(r["samples/s vs ref"][:-1]) > 0, r
+        else:
+            assert r["samples/s vs ref"] == "-", r

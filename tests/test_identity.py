@@ -1,0 +1,112 @@
+"""Identity tracked during training (training/identity.py): validation renders scored, scores in loss.jsonl,
+and keep="best-identity" writing exactly the weights of the step the face metric marks best.
+
+The face metric is a deterministic test double here (the selection logic is what is tested): it returns a
+preset distance per validation call, in order. The real dlib scorer is tested in tests/test_evaluate.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import identity
+from training.data import PrepareConfig, prepare_dataset
+from training.errors import UserError
+from training.eval.scorers import FaceScore
+from training.identity import KEPT_FILE, StepScores, better
+from training.train import train
+from training.train_config import TrainConfig
+
+PHOTOS = Path(__file__).resolve().parents[1] / "training" / "sample_data" / "subject"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dataset")
+    prepare_dataset(PHOTOS, out, PrepareConfig(resolution=64))
+    return out
+
+
+def preset_faces(distances: list[float | None]):
+    """A face scorer factory whose n-th call scores every render of that validation at distances[n]
+    (None: no face found)."""
+    calls = iter(distances)
+
+    def factory(references):
+        assert references, "the dataset's crops are the references"
+
+        def score(images):
+            d = next(calls)
+            return [FaceScore(faces=0) if d is None else FaceScore(faces=1, distance=d, nearest=d) for _ in images]
+        return score
+    return factory
+
+
+def config(dataset, out: Path, **kw) -> TrainConfig:
+    # constant lr: a shorter run then takes exactly the same steps as the first steps of a longer one
+    base = dict(instance_dir=str(dataset), output=str(out), steps=6, rank=4, seed=3, save_every=0,
+                lr_scheduler="constant", validation_every=2, validation_prompts=["a photo of {token} {class}"])
+    return TrainConfig(**(base | kw))
+
+
+def test_better_prefers_lower_distance_and_the_later_step_on_ties():
+    a, b = StepScores(2, 0.5, 1.0), StepScores(4, 0.5, 1.0)
+    assert better(b, a) and better(StepScores(6, 0.4, 1.0), b) and not better(StepScores(8, 0.6, 1.0), b)
+    assert not better(StepScores(10, None, 0.0), None)  # no face: never a candidate
+    assert better(a, None)
+
+
+def test_best_identity_writes_the_best_steps_weights_exactly(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "face_scorer", preset_faces([0.5, 0.3, 0.4]))  # step 4 is best
+    best = train(config(dataset, tmp_path / "best.safetensors", keep="best-identity"))
+    assert best.steps_done == 6 and best.kept is not None and best.kept.step == 4
+    assert best.kept.identity == pytest.approx(0.3) and best.kept.presence == 1.0
+    rows = [json.loads(line) for line in (best.run_dir / "loss.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("identity")) for r in rows if "identity" in r] == [(2, 0.5), (4, 0.3), (6, 0.4)]
+
+    monkeypatch.setattr(identity, "face_scorer", preset_faces([0.5, 0.3]))
+    four = train(config(dataset, tmp_path / "four.safetensors", steps=4))  # keep last: the weights of step 4
+    assert four.kept is None
+    written, expected = load_file(str(best.output)), load_file(str(four.output))
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    kept = load_file(str(best.run_dir / KEPT_FILE))
+    assert kept and all(v.dtype == torch.float32 for v in kept.values())
+
+
+def test_ties_go_to_the_later_step_and_keep_last_is_unchanged(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "face_scorer", preset_faces([0.4, 0.4, 0.4]))
+    tied = train(config(dataset, tmp_path / "tied.safetensors", keep="best-identity"))
+    assert tied.kept.step == 6
+    monkeypatch.setattr(identity, "face_scorer", preset_faces([0.4, 0.4, 0.4]))
+    last = train(config(dataset, tmp_path / "last.safetensors"))
+    a, b = load_file(str(tied.output)), load_file(str(last.output))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert not (last.run_dir / KEPT_FILE).exists()  # keep last stores no extra weights
+
+
+def test_no_face_in_any_render_writes_the_last_step_and_says_so(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(identity, "face_scorer", preset_faces([None, None, None]))
+    notes = []
+    result = train(config(dataset, tmp_path / "none.safetensors", keep="best-identity"),
+                   progress=lambda e: notes.append(e.info.get("note")) if e.stage == "warning" else None)
+    assert result.kept is None and result.steps_done == 6
+    assert any(n and "no validation render showed a face" in n for n in notes)
+    rows = [json.loads(line) for line in (result.run_dir / "loss.jsonl").read_text().splitlines()]
+    assert [r["presence"] for r in rows if "presence" in r] == [0.0, 0.0, 0.0]
+
+
+def test_best_identity_needs_validation():
+    with pytest.raises(UserError, match="validation_every"):
+        TrainConfig(instance_dir="x", output="y.safetensors", keep="best-identity").validate()
+    with pytest.raises(UserError, match="keep"):
+        TrainConfig(instance_dir="x", output="y.safetensors", keep="best").validate()
+
+
+def test_default_validation_set_has_the_off_identity_probe():
+    from training.prompts import PROBE_PROMPT
+
+    assert PROBE_PROMPT in TrainConfig().validation_prompts and "purple hair" in PROBE_PROMPT

@@ -1,0 +1,237 @@
+"""Extraction: a LoRA approximating `tuned - base`, read a few layers at a time from two models and
+factored by a seeded randomized SVD (only the kept singular vectors are ever computed)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .. import ldm_keys
+from ..errors import UserError
+from ..progress import Progress, ProgressFn, no_progress
+from .layers import LoraFile, LoraLayer
+from .names import FAMILIES, module_table
+from .resize import LayerResize, check_targets, chosen_rank, factor_by_svd, layer_from_svd
+
+
+class _WeightSource:
+    """Reads one weight at a time from a model, so extraction holds one layer per model in memory."""
+
+    def __init__(self, label: str, family: str, get: Callable[[str], torch.Tensor | None]):
+        self.label, self.family, self._get = label, family, get
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self._get(name)
+
+
+def _weight_source(model: Any) -> _WeightSource:
+    """A `_WeightSource` over `tiny`, a single-file checkpoint, a diffusers folder, an `SDModel`,
+    or `{"unet": state_dict, "text_encoder": state_dict}` in diffusers naming."""
+    from ..models import SDModel, inspect_checkpoint, load_model
+
+    if isinstance(model, (str, os.PathLike)) and str(model) == "tiny":
+        model = load_model("tiny")
+    if isinstance(model, SDModel):
+        states = {"unet": model.unet.state_dict(), "text_encoder": model.text_encoder.state_dict()}
+        return _state_source(model.source, states, model.family)
+    if isinstance(model, Mapping):
+        return _state_source("the given state dicts", model, None)
+    path = Path(model)
+    if path.is_dir():
+        return _folder_source(path)
+    info = inspect_checkpoint(path)  # refuses LoRAs, SDXL, SD2, inpainting, pickles, truncated files
+    return _safetensors_source(path.name, info.family, [path], lambda name: [_single_file_key(name, info.family)])
+
+
+def _single_file_key(name: str, family: str) -> str:
+    component, path = name.split(".", 1)
+    if component == "unet":
+        return f"{ldm_keys.UNET_PREFIX}{module_table(family).ldm[name]}.weight"
+    return f"{ldm_keys.TEXT_PREFIX}{path}.weight"
+
+
+def _diffusers_keys(name: str) -> list[str]:
+    component, path = name.split(".", 1)
+    return [f"{path}.weight"] if component == "unet" else [f"{path}.weight", f"text_model.{path}.weight"]
+
+
+def _state_source(label: str, states: Mapping[str, Mapping[str, torch.Tensor]], family: str | None) -> _WeightSource:
+    def get(name: str) -> torch.Tensor | None:
+        component = name.split(".", 1)[0]
+        state = states.get(component) or {}
+        return next((state[k] for k in _diffusers_keys(name) if k in state), None)
+
+    return _WeightSource(label, family or _family_by_shape(label, get), get)
+
+
+def _folder_source(path: Path) -> _WeightSource:
+    files = sorted((path / "unet").glob("*.safetensors")) + sorted((path / "text_encoder").glob("*.safetensors"))
+    if not (path / "unet").is_dir() or not files:
+        raise UserError(f"{path} is not a diffusers model folder with .safetensors weights; give a .safetensors "
+                        "checkpoint, a diffusers folder or 'tiny'.")
+    source = _safetensors_source(path.name, None, files, _diffusers_keys)
+    return source
+
+
+def _safetensors_source(label: str, family: str | None, files: list[Path],
+                        keys_of: Callable[[str], list[str]]) -> _WeightSource:
+    from safetensors import safe_open
+
+    where: dict[tuple[str, str], Path] = {}  # (component or "", key) -> file
+    for file in files:
+        component = file.parent.name if file.parent.name in ("unet", "text_encoder") and len(files) > 1 else ""
+        with safe_open(str(file), framework="pt") as f:
+            where |= {(component, key): file for key in f.keys()}
+
+    def get(name: str) -> torch.Tensor | None:
+        component = name.split(".", 1)[0]
+        for key in keys_of(name):
+            file = where.get((component, key)) or where.get(("", key))
+            if file is not None:
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(key)
+        return None
+
+    return _WeightSource(label, family or _family_by_shape(label, get), get)
+
+
+def _family_by_shape(label: str, get: Callable[[str], torch.Tensor | None]) -> str:
+    """The layout whose first and last cross-attention key projections match the model's."""
+    for family in FAMILIES:
+        table = module_table(family)
+        probes = [n for n in table.shapes if n.endswith("attn2.to_k")]
+        weights = [get(name) for name in (probes[0], probes[-1])]
+        if all(w is not None and tuple(w.shape) == table.shapes[n] for w, n in zip(weights, (probes[0], probes[-1]))):
+            return family
+    raise UserError(f"{label} is not a Stable Diffusion 1.5 model (its cross-attention weights fit no SD1.5 layout); "
+                    "extract from an SD1.5 checkpoint and its fine-tuned copy.")
+
+
+def extraction_targets(family: str, text_encoder: bool = False) -> list[str]:
+    """What `extract` looks at: every Linear/1x1-conv of the UNet's transformer blocks (kohya's
+    default), plus the text encoder's attention and MLP layers when asked."""
+    names = [name for name in module_table(family).shapes if name.startswith("unet.") and ".attentions." in name]
+    if text_encoder:
+        names += [name for name in module_table(family).shapes if name.startswith("text_encoder.encoder.layers.")]
+    return names
+
+
+def extract(base: Any, tuned: Any, rank: int | None = None, keep_energy: float | None = None,
+            text_encoder: bool = False, min_diff: float = 0.0, progress: ProgressFn = no_progress,
+            exact: bool = False) -> tuple[LoraFile, list[LayerResize]]:
+    """A LoRA approximating `tuned - base`, a few same-shape layers at a time.
+
+    `base` / `tuned`: `tiny`, a single-file checkpoint, a diffusers folder, an `SDModel`, or
+    `{"unet": ..., "text_encoder": ...}` diffusers state dicts. Layers whose largest change is
+    at most `min_diff` are left out. Each change is factored by `sketched_svd` (seeded, so
+    the same inputs give the same file); `exact=True` takes the full SVD of every change instead.
+    """
+    check_targets(rank, keep_energy, "the extraction")
+    base_src, tuned_src = _weight_source(base), _weight_source(tuned)
+    if base_src.family != tuned_src.family:
+        raise UserError(f"{base_src.label} ({base_src.family}) and {tuned_src.label} ({tuned_src.family}) are "
+                        "different model layouts; extract from a model and its own fine-tuned copy.")
+    family = base_src.family
+    targets = extraction_targets(family, text_encoder)
+    shapes = module_table(family).shapes
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name in targets:
+        by_shape.setdefault((shapes[name][0], math.prod(shapes[name][1:])), []).append(name)
+    generator = torch.Generator().manual_seed(SKETCH_SEED)
+    done: dict[str, tuple[LoraLayer, LayerResize]] = {}
+    unchanged = step = 0
+    for (m, n), names in by_shape.items():
+        for chunk in _chunks(names, max(1, BATCH_BYTES // (4 * m * n))):
+            changed, diffs = [], torch.empty(len(chunk), m, n)
+            for name in chunk:
+                old, new = base_src.get(name), tuned_src.get(name)
+                if old is None or new is None:
+                    missing = base_src.label if old is None else tuned_src.label
+                    raise UserError(f"{missing} has no weight for {name}; it is not a complete SD1.5 model.")
+                diff = diffs[len(changed)]
+                torch.sub(new.reshape(m, n).float(), old.reshape(m, n).float(), out=diff)
+                del old, new
+                if float(diff.abs().max()) <= min_diff:
+                    unchanged += 1
+                else:
+                    changed.append(name)
+            diffs = diffs[:len(changed)]
+            if exact:
+                done |= {name: factor_by_svd(name, diff.reshape(shapes[name]), rank, keep_energy)
+                         for name, diff in zip(changed, diffs)}
+            elif changed:
+                done |= dict(zip(changed, factor_sketched(changed, diffs, [shapes[n] for n in changed],
+                                                           rank, keep_energy, generator)))
+            del diffs
+            for name in chunk:
+                step += 1
+                progress(Progress("extract", step, len(targets), {"layer": name}))
+    notes = [f"{unchanged} of {len(targets)} layers did not change and were left out"] if unchanged else []
+    meta = {"dreambooth.extracted_from": tuned_src.label, "dreambooth.extracted_base": base_src.label}
+    if not done:
+        raise UserError(f"{tuned_src.label} does not differ from {base_src.label} in any extracted layer; "
+                        "nothing to extract (was the right fine-tuned model given?).")
+    order = [name for name in targets if name in done]
+    layers = {name: done[name][0] for name in order}
+    return LoraFile(layers, meta, "extracted", family, {}, notes), [done[name][1] for name in order]
+
+
+# ---------------------------------------------------------------- the sketched SVD
+
+SKETCH_SEED = 0
+POWER_ITERATIONS = 3  # with oversampling = rank: within 0.5% of the optimal rank-r error on SD1.5 shapes (tests)
+MIN_OVERSAMPLE = 8
+KEEP_ENERGY_START = 32  # first sketch rank when only --keep-energy is given; grows 4x while short of it
+BATCH_BYTES = 32 << 20  # float32 changes of one shape factored together
+
+
+def sketched_svd(matrices: torch.Tensor, width: int, generator: torch.Generator,
+                 power_iterations: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `width` singular triplets of each matrix in `[b, m, n]`, by a randomized range finder
+    with power iterations (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1): U [b, m, w], S [b, w],
+    Vh [b, w, n]. The result U S Vh is the projection of each matrix onto the found range."""
+    b, m, n = matrices.shape
+    test = torch.randn(b, n, width, generator=generator, dtype=matrices.dtype)
+    basis = torch.linalg.qr(matrices @ test).Q
+    for _ in range(power_iterations):  # re-orthonormalized each half step, so small singular values survive fp32
+        co_basis = torch.linalg.qr(matrices.transpose(1, 2) @ basis).Q
+        basis = torch.linalg.qr(matrices @ co_basis).Q
+    u_small, s, vh = torch.linalg.svd(basis.transpose(1, 2) @ matrices, full_matrices=False)
+    return basis @ u_small, s, vh
+
+
+def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[int, ...]], rank: int | None,
+                     keep_energy: float | None, generator: torch.Generator) -> list[tuple[LoraLayer, LayerResize]]:
+    """Rank `rank` (and/or `keep_energy`) factors of each change. The kept fraction is measured against
+    the exact Frobenius norm; with --keep-energy alone the sketch grows until it holds that fraction, and
+    a change that needs more than half its full rank gets the exact SVD."""
+    _, m, n = diffs.shape
+    full = min(m, n)
+    totals = torch.linalg.vector_norm(diffs.flatten(1), dim=1, dtype=torch.float64).square().tolist()
+    out: dict[int, tuple[LoraLayer, LayerResize]] = {}
+    todo = list(range(len(names)))
+    target = rank if rank is not None else KEEP_ENERGY_START
+    while todo:
+        width = target + max(target, MIN_OVERSAMPLE)
+        if 2 * width > full:  # as wide as this, the sketch costs what the exact SVD does
+            for i in todo:
+                out[i] = factor_by_svd(names[i], diffs[i].reshape(shapes[i]), rank, keep_energy)
+            break
+        u, s, vh = sketched_svd(diffs if len(todo) == len(names) else diffs[todo], width, generator)
+        short = []
+        for j, i in enumerate(todo):
+            k, kept = chosen_rank(s[j, :target], rank, keep_energy, totals[i])
+            if rank is None and kept < keep_energy - 1e-12:
+                short.append(i)
+            else:
+                out[i] = layer_from_svd(shapes[i], u[j], s[j], vh[j], k), LayerResize(names[i], full, k, kept)
+        todo, target = short, target * 4
+    return [out[i] for i in range(len(names))]
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,124 @@
+"""What a method trains, and how: the trainable parameters (LoRA adapters or whole modules), the
+optimizer and the learning-rate schedule."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .frozen import freeze_base_layers
+from .models import SDModel
+from .train_config import TEXT_TARGETS, TARGETS, TrainConfig
+
+
+@dataclass
+class Trainable:
+    """What one method trains: the modules it touches and their trainable parameters."""
+
+    modules: dict[str, torch.nn.Module]  # "unet", "text_encoder"
+    groups: dict[str, list[torch.nn.Parameter]]  # trainable params per module
+
+    def named(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable params by qualified name ("unet.<param>", "text_encoder.<param>")."""
+        wanted = {id(p) for params in self.groups.values() for p in params}
+        return {f"{prefix}.{name}": p for prefix, module in self.modules.items()
+                for name, p in module.named_parameters() if id(p) in wanted}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for params in self.groups.values() for p in params]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.named().items()}
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        named = self.named()
+        missing = sorted(set(named) - set(weights))
+        if missing:
+            raise UserError(f"The checkpoint does not match this training setup (it lacks {missing[0]}); "
+                            "delete the run folder to start over.")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(weights[name])
+
+
+def frozen_storage_dtype(cfg: TrainConfig) -> torch.dtype:
+    """What a LoRA run keeps the frozen UNet layers in: the half precision it computes in, else
+    the precision the base stores them in (upcasting fp16 is exact: the loss is the same)."""
+    if cfg.method != "lora":
+        return torch.float32  # DreamBooth trains every weight: fp32 master copies from the start
+    if cfg.mixed_precision in ("fp16", "bf16"):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    from .models import stored_unet_dtype
+
+    return stored_unet_dtype(cfg.base)
+
+
+def freeze_base(cfg: TrainConfig, model: SDModel, storage: torch.dtype) -> None:
+    """A LoRA run never changes the base UNet: keep it as it came, compute in fp32."""
+    if cfg.method == "lora":
+        model.unet.requires_grad_(False)
+        freeze_base_layers(model.unet, storage, torch.float32)
+
+
+def setup_trainable(cfg: TrainConfig, model: SDModel) -> Trainable:
+    """Freeze everything, then open what this method trains."""
+    for module in model.components().values():
+        module.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            model.text_encoder.gradient_checkpointing_enable()
+    if cfg.method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS[cfg.targets]))
+        if cfg.train_text_encoder:
+            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TEXT_TARGETS),
+                                    model.text_encoder)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for module in (model.unet, model.text_encoder):
+            for name, p in module.named_parameters():
+                trained = "lora_" in name and (module is model.unet or cfg.train_text_encoder)
+                p.requires_grad_(trained)
+                if trained:  # down-weights ~ N(0, 1/rank) in fp32 whatever the base's precision, up-weights 0
+                    init = torch.randn(p.shape, generator=generator) / cfg.rank if "lora_A" in name else \
+                        torch.zeros(p.shape)
+                    p.data = init.to(p.device)
+    else:
+        model.unet.requires_grad_(True)
+        model.text_encoder.requires_grad_(cfg.train_text_encoder)
+    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    groups = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
+    groups = {name: params for name, params in groups.items() if params}
+    for p in (p for params in groups.values() for p in params):
+        p.data = p.data.float()  # fp32 master weights; mixed precision autocasts the compute
+    return Trainable(modules, groups)
+
+
+def make_optimizer(cfg: TrainConfig, trainable: Trainable) -> torch.optim.Optimizer:
+    groups = [{"params": trainable.groups["unet"], "lr": cfg.lr}]
+    if "text_encoder" in trainable.groups:
+        groups.append({"params": trainable.groups["text_encoder"], "lr": cfg.text_encoder_lr})
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optimizer 'adamw8bit' needs bitsandbytes and a GPU; pip install bitsandbytes, "
+                            "or choose 'adamw'.") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise UserError("optimizer 'prodigy' needs prodigyopt; pip install prodigyopt, or choose 'adamw'.") from None
+        return Prodigy(groups, weight_decay=1e-2)
+    return torch.optim.AdamW(groups, weight_decay=1e-2, fused=True)  # one kernel for all params: ~10% a LoRA step
+
+
+def make_lr_scheduler(cfg: TrainConfig, optimizer):
+    """Stepped once per optimizer step, on every rank alike."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.steps)
