@@ -103,6 +103,10 @@ class TrainSubject:
                                    _help("pivotal_tokens") + " The embedding file goes to models/embeddings."}),
                 "save_every": ("INT", {"default": TrainConfig.save_every, "min": 0, "max": 100000, "tooltip":
                                _help("save_every") + " A cancelled or crashed run resumes from the last one."}),
+                "background_weight": ("FLOAT", {"default": TrainConfig.background_weight, "min": 0.0, "max": 1.0,
+                                                "step": 0.05, "tooltip": _help("background_weight")}),
+                "identity_weight": ("FLOAT", {"default": TrainConfig.identity_weight, "min": 0.0, "max": 100.0,
+                                              "step": 0.1, "tooltip": _help("identity_weight")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -130,7 +134,8 @@ class TrainSubject:
     def train(self, checkpoint, dataset, method, rank, alpha, learning_rate, lr_scheduler, optimizer, steps,
               batch_size, train_text_encoder, prior_loss_weight, seed, precision, gradient_checkpointing, output_name,
               validation_every, overwrite, class_images=None, pivotal_tokens=TrainConfig.pivotal_tokens,
-              save_every=TrainConfig.save_every, unique_id=None):
+              save_every=TrainConfig.save_every, background_weight=TrainConfig.background_weight,
+              identity_weight=TrainConfig.identity_weight, unique_id=None):
         import torch
 
         from ..training.train import train
@@ -151,7 +156,8 @@ class TrainSubject:
             class_dir=class_images["folder"] if prior else None,  # used as it is
             mixed_precision=precision, seed=seed, validation_every=validation_every, save_every=save_every,
             run_dir=str(output_folder("runs", stem)), overwrite=overwrite, pivotal_tokens=pivotal_tokens,
-            embedding_dir=str(first_model_folder("embeddings")) if pivotal_tokens else None)
+            embedding_dir=str(first_model_folder("embeddings")) if pivotal_tokens else None,
+            background_weight=background_weight, identity_weight=identity_weight)
         watch = TrainingWatch(unique_id)
         started = time.perf_counter()
         with user_errors():
@@ -202,6 +208,7 @@ class TrainingWatch:
             send_event(PROGRESS_EVENT, {
                 "node": self.node_id, "step": event.step, "total": event.total, "loss": info.get("loss"),
                 "lr": info.get("lr"), "it_per_s": info.get("it_per_s"), "eta_s": info.get("eta_s"),
+                "identity_loss": info.get("identity_loss"),
                 "images": [ref for ref in map(view_ref, info.get("images") or []) if ref],
             })
         self.bar(event)  # last: on Cancel it raises, and the trainer saves a checkpoint
@@ -234,5 +241,9 @@ def train_report(cfg, result, resumed_from: int | None, seconds: float, class_im
 
         lines.append(f"  pivotal tuning: '{cfg.token}' is {cfg.pivotal_tokens} new tokens, trained for the first "
                      f"{freeze_step(cfg)} steps at lr {cfg.pivotal_lr:g}; embedding file {embedding_output(cfg)}")
+    if cfg.identity_weight and not result.reused:
+        from ..training.identity_loss import identity_summary
+
+        lines.append("  " + identity_summary(cfg.identity_weight, cfg.identity_every, result.losses))
     lines.append(f"  run folder (checkpoints, loss log, validation images): {cfg.run_path}")
     return "\n".join(lines)

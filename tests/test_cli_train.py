@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from fixture_paths import ROOT, SUBJECT_PHOTOS
 from training.checkpoint import list_checkpoints
 
-STEPS = 8
+STEPS = 6
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -110,3 +110,29 @@ def test_default_validation_set_has_the_off_identity_probe():
     from training.prompts import PROBE_PROMPT
 
     assert PROBE_PROMPT in TrainConfig().validation_prompts and "purple hair" in PROBE_PROMPT
+
+
+def _colour_rows(path: Path, colour: tuple[int, int, int]) -> set[int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        # the plot area only (x 56..584, y 24..290): the legend text above it is left out
+        return {y for y in range(24, 291) for x in range(57, 584) if rgb.getpixel((x, y)) == colour}
+
+
+def test_loss_plot_draws_identity_and_a_constant_lr_inside_the_frame(tmp_path):
+    from training.loss_log import IDENTITY_COLOUR, plot_loss
+
+    rows = [{"step": s, "loss": 0.1 + 0.01 * (s % 3), "lr": 1e-4} for s in range(1, 31)]
+    plain = plot_loss(rows, tmp_path / "plain.png")
+    orange = (0xcc, 0x77, 0x33)
+    lr_rows = _colour_rows(plain, orange)
+    assert lr_rows and min(lr_rows) > 24 + 5  # not on the frame's top edge (y = 24)
+    magenta = tuple(int(IDENTITY_COLOUR[i] * 2, 16) for i in (1, 2, 3))
+    assert not _colour_rows(plain, magenta)
+    for r in rows:
+        if r["step"] % 10 == 0:
+            r["identity"] = 0.9 - r["step"] / 100
+    scored = plot_loss(rows, tmp_path / "scored.png")
+    assert len(_colour_rows(scored, magenta)) > 10  # a line through three points

@@ -112,7 +112,7 @@ def test_with_w_the_loss_adds_exactly_the_term_and_its_gradient(tiny, targets):
     def loss_and_grads(seed: int, with_identity: bool):
         generator = torch.Generator().manual_seed(seed)
         loss = denoising_loss(cfg, model, model.unet, cached.embeddings[:1], cached.latent_mean[:1], schedule,
-                              generator, identity.for_batch(index) if with_identity else None)
+                              generator, identity=identity.for_batch(index) if with_identity else None)
         return loss, torch.autograd.grad(loss, params, allow_unused=True)
 
     seeds = [s for s in range(20) if _timestep(s, cached, schedule) <= 600]
@@ -138,10 +138,16 @@ def _timestep(seed: int, cached, schedule) -> int:
 
 
 def test_a_run_logs_the_term_on_the_steps_that_compute_it(tmp_path):
+    import shutil
+
     from training.loss_log import read_loss_log
     from training.train import train
 
-    cfg = TrainConfig(instance_dir=str(SUBJECT_PHOTOS), output=str(tmp_path / "lora.safetensors"), steps=4,
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in SUBJECT[:2]:
+        shutil.copy(path, photos / path.name)
+    cfg = TrainConfig(instance_dir=str(photos), output=str(tmp_path / "lora.safetensors"), steps=4,
                       rank=4, seed=0, save_every=0, identity_weight=1.0, identity_every=2, resolution=RES)
     result = train(cfg)
     rows = read_loss_log(result.run_dir)
@@ -173,11 +179,11 @@ def test_identity_weight_without_dlib_is_one_line(monkeypatch, tmp_path):
 
 
 def test_the_evaluation_descriptors_from_the_port_equal_dlibs():
-    from PIL import Image
-
+    from training.data.crop import crop_photo
+    from training.data.photos import open_photo
     from training.eval.scorers import FaceEmbedder
 
-    photo = Image.open(SUBJECT[0])
+    photo = crop_photo(open_photo(SUBJECT[0].read_bytes()), "face", 384).image
     port, dlib_net = FaceEmbedder("hog", descriptors="port").faces(photo), FaceEmbedder("hog", "dlib").faces(photo)
     assert len(port) == len(dlib_net) == 1 and port[0].box == dlib_net[0].box
     assert abs(port[0].descriptor - dlib_net[0].descriptor).max() < 1e-5

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.errors import UserError
+from training.cli.train import flag
+from training.errors import UserError, inputs_named_by
 from training.lora import LoraFile, LoraLayer, module_table, resize
 
 from lora_helpers import Q1, TE_PATH, randn, rel_err
@@ -60,7 +61,7 @@ def test_resize_by_kept_energy_picks_the_smallest_rank_that_keeps_it():
 
 
 def test_resize_needs_a_target():
-    with pytest.raises(UserError, match="--rank"):
+    with inputs_named_by(flag), pytest.raises(UserError, match="--rank"):  # as the CLI names its inputs
         resize(_layers_for_resize())
-    with pytest.raises(UserError, match="keep-energy"):
+    with inputs_named_by(flag), pytest.raises(UserError, match="keep-energy"):
         resize(_layers_for_resize(), keep_energy=1.5)

@@ -68,9 +68,15 @@ def peft_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def merged_weights(model) -> dict[str, torch.Tensor]:
-    """Each adapted layer's weight after peft's own merge_and_unload, on a copy."""
-    merged = copy.deepcopy(model).merge_and_unload()
-    return {name: merged.get_submodule(name.split(".", 1)[1]).weight.detach().double() for name in peft_layers(model)}
+    """Each adapted layer's weight merged by peft itself, on a copy: merge_and_unload for a PeftModel,
+    each tuner layer's merge() (what merge_and_unload calls) for a diffusers model with an adapter."""
+    if hasattr(model, "merge_and_unload"):
+        merged = copy.deepcopy(model).merge_and_unload()
+        return {name: merged.get_submodule(name.split(".", 1)[1]).weight.detach().double() for name in peft_layers(model)}
+    layers = peft_layers(copy.deepcopy(model))
+    for layer in layers.values():
+        layer.merge()
+    return {name: layer.base_layer.weight.detach().double() for name, layer in layers.items()}
 
 
 def to_lora(model, config):
@@ -208,12 +214,12 @@ def dataset(tmp_path_factory):
 
 
 def train_variant(dataset, out, **variant):
-    """Three steps on tiny with a model we keep, so the trained peft layers can be compared with the file."""
+    """Two steps on tiny with a model we keep, so the trained peft layers can be compared with the file."""
     from training.train import train
     from training.train_config import TrainConfig
 
     model = build_tiny()
-    cfg = TrainConfig(instance_dir=str(dataset), output=str(out), steps=3, rank=4, alpha=8, seed=3, lr=1e-2,
+    cfg = TrainConfig(instance_dir=str(dataset), output=str(out), steps=2, rank=4, alpha=8, seed=3, lr=1e-2,
                       prior_preservation=False, **variant)
     train(cfg, model=model)
     return model, read_lora(out)

@@ -24,7 +24,7 @@ def dataset(tmp_path_factory):
 
 
 def token_table(model) -> TokenEmbedding:
-    return model.text_encoder.text_model.embeddings.token_embedding
+    return model.text_encoder.get_input_embeddings()
 
 
 def test_the_new_tokens_train_then_freeze_and_every_other_row_stays_the_base_s(dataset, tmp_path):
@@ -43,7 +43,7 @@ def test_the_new_tokens_train_then_freeze_and_every_other_row_stays_the_base_s(d
     assert moved[:3] == [True] * 3, "the embedding did not train during the first half"
     assert moved[3:] == [False] * 4, "the embedding changed after the freeze step"
     table = token_table(model)
-    assert torch.equal(table.base.weight, base.text_encoder.text_model.embeddings.token_embedding.weight)
+    assert torch.equal(table.base.weight, base.text_encoder.get_input_embeddings().weight)
     frozen = {n: p for n, p in model.text_encoder.named_parameters() if not n.endswith(".extra")}
     base_params = dict(base.text_encoder.named_parameters())
     assert all(torch.equal(p, base_params[n.replace("token_embedding.base.", "token_embedding.")])

@@ -232,6 +232,8 @@ BAD_FIELDS = {
     "mixed_precision": dict(mixed_precision="fp8"),
     "output": dict(output="model.ckpt"),
     "token": dict(token="two words"),
+    "pivotal_tokens": dict(pivotal_tokens=-1),
+    "pivotal_frac": dict(pivotal_tokens=2, pivotal_frac=0.0),
 }
 
 

@@ -153,3 +153,45 @@ def test_identity_line_is_drawn_only_when_events_carry_it(modules):
     ys = with_identity["ys"]
     assert ys[0] < ys[1] < ys[2]  # a smaller distance is drawn lower (canvas y grows downwards)
     assert with_identity["status"].endswith("identity 0.600 (step 30)")
+
+
+IDENTITY_LOSS_SCRIPT = """
+import { TrainingSeries } from "./train_progress.js";
+import { drawChart, IDENTITY_LOSS_COLOR } from "./loss_chart.js";
+// A canvas stand-in that records each stroked path's color and point count, and the texts drawn.
+globalThis.window = { devicePixelRatio: 1 };
+globalThis.getComputedStyle = () => ({ getPropertyValue: () => "" });
+const strokes = [], texts = [];
+const ctx = new Proxy({ fillStyle: "", strokeStyle: "", _points: 0 }, {
+  get(target, name) {
+    if (name in target) return target[name];
+    if (name === "measureText") return () => ({ width: 10 });
+    if (name === "beginPath") return () => { target._points = 0; };
+    if (name === "moveTo" || name === "lineTo") return () => { target._points += 1; };
+    if (name === "stroke") return () => strokes.push([target.strokeStyle, target._points]);
+    if (name === "fillText") return (text) => texts.push(String(text));
+    return () => {};
+  },
+  set(target, name, value) { target[name] = value; return true; },
+});
+const out = {};
+for (const withTerm of [false, true]) {
+  const s = new TrainingSeries();
+  for (let step = 1; step <= 12; step++) {  // identity_every 4: the term on steps 1, 5, 9
+    s.add({ step, total: 12, loss: 0.1, lr: 1e-4, ...(withTerm && step % 4 === 1 ? { identity_loss: 0.02 } : {}) });
+  }
+  strokes.length = 0; texts.length = 0;
+  drawChart({ clientWidth: 400, clientHeight: 200, width: 0, height: 0, getContext: () => ctx }, s);
+  out[withTerm] = { finite: s.identityLoss.filter(Number.isFinite),
+                    points: strokes.filter((x) => x[0] === IDENTITY_LOSS_COLOR).map((x) => x[1]),
+                    legend: texts.includes("identity term") };
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_identity_loss_term_is_drawn_joined_across_the_steps_that_skip_it(modules):
+    out = run_node(modules, IDENTITY_LOSS_SCRIPT)
+    assert out["false"] == {"finite": [], "points": [], "legend": False}
+    assert out["true"]["finite"] == pytest.approx([0.02, 0.02, 0.02])
+    assert out["true"]["points"] == [3] and out["true"]["legend"]  # one line through steps 1, 5 and 9

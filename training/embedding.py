@@ -81,7 +81,7 @@ def attach(model, embedding: Embedding, trainable: bool = False) -> TokenEmbeddi
     tokenizer = copy.deepcopy(model.tokenizer)
     names = embedding.token_names
     vocab = len(tokenizer)
-    base = model.text_encoder.text_model.embeddings.token_embedding
+    base = model.text_encoder.get_input_embeddings()
     if isinstance(base, TokenEmbedding) or vocab != base.num_embeddings:
         raise UserError("The text encoder already has added tokens; load the base model again to use this "
                         "embedding.")
@@ -91,7 +91,7 @@ def attach(model, embedding: Embedding, trainable: bool = False) -> TokenEmbeddi
     vectors = embedding.vectors.detach().to(base.weight.device, torch.float32).clone()
     module = TokenEmbedding(base, vectors)
     module.extra.requires_grad_(trainable)
-    model.text_encoder.text_model.embeddings.token_embedding = module
+    model.text_encoder.set_input_embeddings(module)
     model.tokenizer = tokenizer
     return module
 
@@ -99,7 +99,7 @@ def attach(model, embedding: Embedding, trainable: bool = False) -> TokenEmbeddi
 def initial_vectors(text_encoder, count: int, seed: int) -> torch.Tensor:
     """New tokens start random at the scale of the table's own rows (std of all its values), as diffusers'
     advanced DreamBooth script does; deterministic from the seed."""
-    table = text_encoder.text_model.embeddings.token_embedding.weight.detach().float()
+    table = text_encoder.get_input_embeddings().weight.detach().float()
     generator = torch.Generator().manual_seed(seed + 17)
     return torch.randn((count, table.shape[1]), generator=generator) * table.std()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -12,6 +13,9 @@ from .models import SDModel
 from .progress import Progress, ProgressFn
 from .prompts import fill_prompt
 from .train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from .identity_loss import FaceTargets
 
 
 @dataclass
@@ -22,17 +26,21 @@ class Batchable:
     latent_std: torch.Tensor
     input_ids: torch.Tensor  # [N, 77] token ids (for training the text encoder)
     embeddings: torch.Tensor | None  # [N, 77, d] when the text encoder is frozen
+    weights: torch.Tensor | None = None  # [N, 1, h, w] loss weights (background_weight); None: 1 everywhere
+    faces: FaceTargets | None = None  # face chips and descriptors of the crops (identity_weight); None: off
 
 
-def prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelerator,
-                     progress: ProgressFn) -> tuple[Batchable, Batchable | None]:
-    """The instance examples (a photo folder is prepared on the fly) and, with prior preservation, the class ones."""
-    from .data.dataset import DATASET_JSON, PrepareConfig, load_dataset
+def prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelerator, progress: ProgressFn,
+                     caption: Callable[[str], str] | None = None) -> tuple[Batchable, Batchable | None]:
+    """The instance examples (a photo folder is prepared on the fly) and, with prior preservation, the class ones.
+    `caption` rewrites the instance captions (pivotal tuning's new tokens); their text embeddings are then
+    left to the loop, which computes them while the tokens train."""
+    from .data.dataset import PrepareConfig, load_dataset
     from .data.prepare import prepare_dataset
 
     folder = Path(cfg.instance_dir)
-    if not (folder / DATASET_JSON).is_file():  # a photo folder: prepare it on the fly
-        prepared = cfg.run_path / "dataset"
+    prepared = dataset_folder(cfg)
+    if prepared != folder:  # a photo folder: prepare it on the fly
         if accelerator.is_main_process:
             prepare_dataset(folder, prepared, PrepareConfig(token=cfg.token, class_word=cfg.class_word,
                                                             resolution=resolution, flip=cfg.flip), progress)
@@ -42,11 +50,21 @@ def prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelera
     items = dataset.training_items()
     images = [open_rgb(item.image, "training image") for item in items]
     captions = [fill_prompt(item.caption, cfg.token, cfg.class_word) for item in items]
+    if caption is not None:
+        captions = [caption(c) for c in captions]
     if cfg.batch_size > len(images):
         raise UserError(f"{input_name('batch_size')} {cfg.batch_size} is larger than the {len(images)} images in "
                         f"{folder}; use a batch size of at most {len(images)} or add photos.")
     mirror = cfg.flip and not dataset.config.flip  # a dataset prepared with flip already holds mirrored copies
-    instance = encode(model, images, captions, resolution, cfg, progress, "cache instance latents", mirror)
+    instance = encode(model, images, captions, resolution, cfg, progress, "cache instance latents", mirror,
+                      cache_text=not cfg.train_text_encoder and caption is None)
+    if cfg.background_weight != 1.0:  # at 1.0 nothing is weighted: the loss is exactly the unweighted one
+        instance.weights = subject_weights(dataset, items, instance.latent_mean.shape[-1], cfg.background_weight,
+                                           mirror)
+    if cfg.identity_weight:
+        from .identity_loss import face_targets
+
+        instance.faces = face_targets(images, resolution, mirror, progress)
     class_examples = None
     if cfg.prior_preservation:
         class_prompt = fill_prompt(cfg.class_prompt, cfg.token, cfg.class_word)
@@ -55,6 +73,26 @@ def prepare_examples(cfg: TrainConfig, model: SDModel, resolution: int, accelera
         class_examples = encode(model, class_images, [class_prompt] * len(class_images), resolution, cfg, progress,
                                 "cache class latents", cfg.flip)
     return instance, class_examples
+
+
+def subject_weights(dataset, items: list, size: int, background: float, mirror: bool) -> torch.Tensor:
+    """[N, 1, size, size] on the latent grid: 1 inside each item's subject region, `background` outside
+    (between on its edge), 1 everywhere for an item without one; with `mirror`, then the mirrored copies."""
+    maps = []
+    for item in items:
+        region = dataset.subject_map(item, size)
+        maps.append(torch.ones(size, size) if region is None else
+                    background + (1.0 - background) * torch.from_numpy(region))
+    weights = torch.stack(maps)[:, None]
+    return torch.cat([weights, weights.flip(-1)]) if mirror else weights
+
+
+def dataset_folder(cfg: TrainConfig) -> Path:
+    """The prepared dataset a run trains on: instance_dir when `prepare` made it, else <run>/dataset."""
+    from .data.dataset import DATASET_JSON
+
+    folder = Path(cfg.instance_dir)
+    return folder if (folder / DATASET_JSON).is_file() else cfg.run_path / "dataset"
 
 
 def open_rgb(path: Path, what: str):
@@ -111,8 +149,9 @@ def class_image_paths(cfg: TrainConfig, model: SDModel, resolution: int, acceler
 
 @torch.no_grad()
 def encode(model: SDModel, images: list, captions: list[str], resolution: int, cfg: TrainConfig,
-           progress: ProgressFn, stage: str, mirror: bool = False) -> Batchable:
-    """VAE latents once per image (and its mirror image), text embeddings once per caption."""
+           progress: ProgressFn, stage: str, mirror: bool = False, cache_text: bool | None = None) -> Batchable:
+    """VAE latents once per image (and its mirror image), text embeddings once per caption (unless
+    `cache_text` is False; by default they are cached when the text encoder is frozen)."""
     from PIL import ImageOps
 
     if mirror:
@@ -128,7 +167,8 @@ def encode(model: SDModel, images: list, captions: list[str], resolution: int, c
         progress(Progress(stage, i + 1, len(images)))
     ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
-    embeddings = None if cfg.train_text_encoder else text_embeddings(model.text_encoder, ids)
+    cache_text = not cfg.train_text_encoder if cache_text is None else cache_text
+    embeddings = text_embeddings(model.text_encoder, ids) if cache_text else None
     return Batchable(torch.stack(means), torch.stack(stds), ids, embeddings)
 
 
@@ -167,4 +207,20 @@ def sample_batch(cfg: TrainConfig, instance: Batchable, class_examples: Batchabl
     latents = mean + std * torch.randn(mean.shape, generator=generator)
     ids = torch.cat([src.input_ids[idx] for src, idx in parts])
     emb = None if instance.embeddings is None else torch.cat([src.embeddings[idx] for src, idx in parts])
-    return {"latents": latents, "input_ids": ids, "embeddings": emb}
+    weights = None if instance.weights is None else instance.weights[parts[0][1]]  # instance rows only
+    # pivotal tuning: the instance part goes through the text encoder, the class part stays cached
+    cached_class = None if emb is not None or class_examples is None or class_examples.embeddings is None \
+        else class_examples.embeddings[parts[1][1]]
+    return {"latents": latents, "input_ids": ids, "embeddings": emb, "weights": weights,
+            "instance_index": parts[0][1], "class_embeddings": cached_class}
+
+
+def batch_context(batch: dict, text_encoder, device) -> torch.Tensor:
+    """The batch's text conditioning: the cached embeddings, else the text encoder's output (for the
+    instance part only when the class part is cached)."""
+    if batch["embeddings"] is not None:
+        return batch["embeddings"].to(device)
+    ids, cached = batch["input_ids"].to(device), batch.get("class_embeddings")
+    if cached is None:
+        return text_encoder(ids)[0]
+    return torch.cat([text_encoder(ids[: len(ids) - len(cached)])[0], cached.to(device)])

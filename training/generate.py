@@ -54,6 +54,18 @@ def apply_lora(model: SDModel, lora, strength: float = 1.0) -> int:
     return len(lora.layers)
 
 
+def apply_embeddings(model: SDModel, embeddings: dict[str, torch.Tensor], prompts: list[str]) -> list[str]:
+    """Give the model the LoRA's bundled token embeddings and write each trigger word in the prompts as
+    its new tokens (what `load_textual_inversion` plus the trigger in a prompt does in diffusers)."""
+    from .embedding import Embedding, attach, with_new_tokens
+
+    for trigger, vectors in embeddings.items():
+        embedding = Embedding(trigger, vectors)
+        attach(model, embedding)
+        prompts = [with_new_tokens(p, trigger, embedding.token_names) for p in prompts]
+    return prompts
+
+
 def check_request(req: GenerateRequest) -> None:
     """Refuse settings that would fail (or silently do nothing) only after the model is loaded."""
     if req.steps < 1:
@@ -119,8 +131,11 @@ def run_generate(req: GenerateRequest, progress: ProgressFn = no_progress, model
         prompts = [fill_prompt(p, token, class_word) for p in req.prompts]
     else:
         prompts = list(scene_prompts(token, class_word).values())
+    encoded = prompts  # as the text encoder reads them; `prompts` as the user wrote them, for the record
+    if lora is not None and lora.embeddings:  # pivotal tuning: the trigger word reads the learned tokens
+        encoded = apply_embeddings(model, lora.embeddings, prompts)
     negative = SEED_NEGATIVE if req.negative is None else req.negative
-    images = generate_images(model, prompts, negative, [req.seed] * len(prompts),
+    images = generate_images(model, encoded, negative, [req.seed] * len(prompts),
                              resolution=req.resolution, steps=req.steps, guidance=req.guidance,
                              sampler=req.sampler, progress=progress)
     written = [atomic_save_image(im, path) for path, im in zip(output_paths(req), images)]

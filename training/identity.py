@@ -25,16 +25,10 @@ FaceScorer = Callable[[Sequence], list]
 
 def dataset_crops(folder: Path) -> list:
     """The prepared crops of a dataset folder (not their mirror copies), as RGB images: the references."""
-    from PIL import Image
-
     from .data.dataset import load_dataset
+    from .examples import open_rgb
 
-    crops = []
-    for item in load_dataset(folder).items:
-        if not item.flipped:
-            with Image.open(item.image) as image:
-                crops.append(image.convert("RGB"))
-    return crops
+    return [open_rgb(item.image, "prepared crop") for item in load_dataset(folder).items if not item.flipped]
 
 
 def face_scorer(references: Sequence) -> FaceScorer:

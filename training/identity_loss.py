@@ -73,9 +73,14 @@ def face_targets(images: Sequence, resolution: int, mirror: bool, progress: Prog
         transform = chip_transform([(x / scale, y / scale) for x, y in faces[0]], (resolution, resolution)) \
             if faces else None
         transforms.append(transform)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the loss saves these for its backward pass
             descriptors.append(descriptor.embed(pixels[None], [transform])[0] if transform else torch.zeros(128))
         progress(Progress("find faces", i + 1, len(images)))
+    missing = sum(t is None for t in transforms)
+    if missing:
+        what = "the identity term is off" if missing == len(transforms) else "they get no identity term"
+        progress(Progress("warning", 0, 0, {"note": f"{input_name('identity_weight')}: dlib found no face in "
+                                                    f"{missing} of {len(transforms)} training crops; {what}"}))
     return FaceTargets(transforms, torch.stack(descriptors).float(), descriptor)
 
 
@@ -141,3 +146,26 @@ def cosine_distance(descriptor, images: torch.Tensor, transforms: Sequence, refe
     with torch.autocast(images.device.type, enabled=False):  # the descriptor in fp32, as dlib computes it
         found = descriptor.embed(images.float(), transforms)
     return 1 - torch.nn.functional.cosine_similarity(found.float(), reference.to(found.device).float(), dim=1)
+
+
+def identity_summary(weight: float, every: int, losses: Sequence[dict]) -> str | None:
+    """The report's line: W, K and the final term (the last computed, and the mean of the last ten); None when off."""
+    if not weight:
+        return None
+    head = f"identity loss: weight {weight:g}, every {every} step{'s' if every > 1 else ''}"
+    computed = [r for r in losses if r.get("identity_loss") is not None]
+    if not computed:
+        return head + "; no step computed it (no face in the crops, or no timestep at or under the threshold)"
+    recent = [r["identity_loss"] for r in computed[-10:]]
+    return (head + f"; final term {computed[-1]['identity_loss']:.4f} at step {computed[-1]['step']} "
+            f"(mean of the last {len(recent)} computed: {sum(recent) / len(recent):.4f})")
+
+
+def make_identity_loss(cfg, model, faces: FaceTargets | None) -> IdentityLoss | None:
+    """The loop's term from the cached crops' faces; None when identity_weight is 0 or no crop has a face."""
+    if not cfg.identity_weight or faces is None or not faces.found:
+        return None
+    faces.net.to(next(model.vae.parameters()).device)
+    if cfg.gradient_checkpointing:  # the decoder's activations at 512 px outweigh the UNet's
+        model.vae.enable_gradient_checkpointing()
+    return IdentityLoss(cfg.identity_weight, cfg.identity_every, faces, model.vae, model.prediction_type)

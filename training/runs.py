@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import checkpoint as ckpt
 from .errors import UserError, input_name, turn_on
 from .safe_io import read_metadata
 from .train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from .identity import StepScores
 
 
 @dataclass
@@ -20,6 +24,7 @@ class TrainResult:
     reused: bool = False  # the output for this exact config already existed
     run_dir: Path | None = None
     losses: list[dict] = field(default_factory=list)
+    kept: StepScores | None = None  # keep best-identity: the scores of the step written; else None
 
     @property
     def loss_curve(self) -> Path | None:

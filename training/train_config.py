@@ -10,13 +10,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError, input_name, turn_on
-from .prompts import SEED_NEGATIVE, SEED_SCENES, stray_braces
+from .eval import DLIB_INSTALL
+from .prompts import PROBE_PROMPT, SEED_NEGATIVE, SEED_SCENES, stray_braces
 from .safe_io import file_name_problem
 
 METHODS = ("lora", "dreambooth")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+KEEP = ("last", "best-identity")  # which step's weights are written (training/identity.py)
 # What LoRA adapts, by module names inside the UNet's transformer blocks (diffusers naming).
 TARGETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -31,10 +33,11 @@ DEFAULT_CLASS_IMAGES = 100
 PIVOTAL_TOKENS = 2  # what `--pivotal` (and the node's first step up from 0) means: two new tokens
 # Fields that change the result; the rest (where files go, how often to report) do not.
 NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "validation_prompts", "validation_negative",
-                 "resume", "overwrite", "class_dir", "gradient_checkpointing", "embedding_dir"}
+                 "resume", "overwrite", "class_dir", "gradient_checkpointing", "channels_last", "compile", "embedding_dir", "validation_clip"}
 # Fields added after outputs were first written: left out of the hash while off, so a finished
 # output of an equal effective config is still reused.
-HASHED_ONLY_WHEN_SET: dict[str, object] = {}
+HASHED_ONLY_WHEN_SET: dict[str, object] = {"background_weight": 1.0, "keep": "last", "dora": False, "rslora": False,
+                                           "loraplus_ratio": 0.0, "identity_weight": 0.0}
 
 
 def method_defaults_text(key: str) -> str:
@@ -52,6 +55,13 @@ def resolve_precision(choice: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def missing_face_packages() -> list[str]:
+    """The packages the identity loss needs (dlib's detector, landmarks and face models) that are not installed."""
+    import importlib.util
+
+    return [name for name in ("dlib", "face_recognition_models") if importlib.util.find_spec(name) is None]
 
 
 def _help(text: str) -> dict:
@@ -93,6 +103,16 @@ class TrainConfig:
         "LoRA alpha; the update is scaled by alpha / rank; 0 or unset: equal to rank (scale 1)"))
     targets: str = field(default="attn", metadata=_help(
         "which UNet layers LoRA adapts: attention, + feed-forward, + convolutions"))
+    dora: bool = field(default=False, metadata=_help(
+        "DoRA (peft use_dora): each adapted layer also learns one magnitude per output channel, which can follow "
+        "a face more closely; slower steps; the file's .dora_scale is applied by ComfyUI (diffusers' loader drops "
+        "it) and the LoRA cannot be resized"))
+    rslora: bool = field(default=False, metadata=_help(
+        "rank-stabilized LoRA (peft use_rslora): scale by alpha / sqrt(rank) instead of alpha / rank, so runs at "
+        "different ranks are comparable; the file's alpha gives that scale in any loader"))
+    loraplus_ratio: float = field(default=0.0, metadata=_help(
+        "LoRA+: the up-weights (lora_B) learn this many times faster than the down-weights (16 is the usual "
+        "start); 0 or 1: off"))
     pivotal_tokens: int = field(default=0, metadata=_help(
         f"pivotal tuning (LoRA only): the trigger word becomes N new tokens whose embedding trains with the LoRA "
         f"for the first pivotal_frac of the steps, then stays fixed; the LoRA file carries it and a "
@@ -121,16 +141,41 @@ class TrainConfig:
                                                             "images; 0: off)"))
     min_snr_gamma: float | None = field(default=None, metadata=_help("Min-SNR loss weighting gamma (5 is usual); "
                                                                      "unset: off"))
+    background_weight: float = field(default=1.0, metadata=_help(
+        "loss weight outside the subject region, 1 = off (the region: a photo's <name>_mask.png, else its face "
+        "grown to head and shoulders; see prepare's contact sheet); 0 to 0.5 makes the photos' backgrounds "
+        "matter less; class images are never weighted"))
+    identity_weight: float = field(default=0.0, metadata=_help(
+        "identity loss W (faces only, not objects or pets): adds W * (1 - t/T)^2 * (1 - cosine) between dlib's "
+        "face descriptors of the model's denoised estimate and of the training crop, for subject photos with a "
+        "face at timesteps up to 600 of 1000; each such step decodes with the VAE (slower, more memory); needs "
+        "dlib; 1 is a start (0: off)"))
+    identity_every: int = field(default=1, metadata=_help(
+        "compute the identity loss every K steps only, to bound its cost (4: about a quarter of it)"))
     mixed_precision: str = field(default="auto", metadata=_help(
         "compute precision (weights stay fp32); auto: bf16 on a GPU that has it, else fp16; fp32 ('no') on the CPU"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
-        "recompute activations in the backward pass: much less memory, about a third slower"))
+        "recompute activations in the backward pass: much less memory, about a third slower; a DreamBooth run "
+        "turns it on by itself when its memory estimate exceeds the device's free memory"))
+    channels_last: bool = field(default=False, metadata=_help(
+        "keep the UNet's weights and activations in channels-last order (GPU convolutions in fp16/bf16 may run "
+        "faster; measure with bench/bench_gpu.py)"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the UNet (GPU; the first steps take a minute or more to compile)"))
     seed: int = field(default=0, metadata=_help("seed of the LoRA initialisation, the noise and the timesteps"))
     save_every: int = field(default=100, metadata=_help("write a resumable checkpoint every N steps (0: never)"))
-    validation_prompts: list[str] = field(default_factory=lambda: list(SEED_SCENES.values()), metadata=_help(
-        "prompts rendered every validation_every steps; {token} and {class} are filled in"))
+    validation_prompts: list[str] = field(default_factory=lambda: [*SEED_SCENES.values(), PROBE_PROMPT], metadata=_help(
+        "prompts rendered every validation_every steps; {token} and {class} are filled in (default: the three "
+        "scenes and an off-identity probe, '" + PROBE_PROMPT + "')"))
     validation_negative: str = field(default=SEED_NEGATIVE, metadata=_help("negative prompt of the validation images"))
-    validation_every: int = field(default=0, metadata=_help("render the validation prompts every N steps (0: never)"))
+    validation_every: int = field(default=0, metadata=_help(
+        "render the validation prompts every N steps and score them: subject present (a face found), identity "
+        "distance to the dataset's crops, CLIP-T with validation_clip (0: never)"))
+    validation_clip: str | None = field(default=None, metadata=_help(
+        "a local Hugging Face CLIP folder (with its text tower) for the validation renders' CLIP-T; unset: no CLIP-T"))
+    keep: str = field(default="last", metadata=_help(
+        "which weights are written: last (the final step) or best-identity (the validated step with the lowest "
+        "identity distance among renders with a face; ties: the later step)"))
     run_dir: str | None = field(default=None, metadata=_help(
         "checkpoints, loss log and validation images; unset: <output>.run/ beside the output"))
     resume: bool = field(default=True, metadata=_help(
@@ -172,6 +217,10 @@ class TrainConfig:
         for name, off in HASHED_ONLY_WHEN_SET.items():
             if data.get(name) == off:
                 del data[name]
+        if self.keep != "last":  # the kept step depends on which steps are validated and what they render
+            data |= {k: getattr(self, k) for k in ("validation_every", "validation_prompts", "validation_negative")}
+        if not self.identity_weight:  # off: how often it would be computed changes nothing
+            data.pop("identity_every", None)
         if not self.pivotal_tokens:  # off: its settings change nothing
             for name in ("pivotal_tokens", "pivotal_lr", "pivotal_frac"):
                 data.pop(name, None)
@@ -232,6 +281,11 @@ class TrainConfig:
                 bad("alpha", f"{self.alpha} must be greater than 0 (usually equal to rank)")
             if self.targets not in TARGETS:
                 bad("targets", f"'{self.targets}' is not one of {', '.join(TARGETS)}")
+            if self.loraplus_ratio < 0:
+                bad("loraplus_ratio", f"{self.loraplus_ratio} must be 0 or 1 (off) or more (16 is the usual start)")
+        elif self.dora or self.rslora or self.loraplus_ratio > 1:
+            variant = "dora" if self.dora else "rslora" if self.rslora else "loraplus_ratio"
+            bad(variant, "DoRA, rsLoRA and LoRA+ change how a LoRA trains; set method to lora, or turn them off")
         if self.pivotal_tokens:
             if self.method != "lora":
                 bad("pivotal_tokens", "pivotal tuning trains a LoRA; set method to lora, or pivotal_tokens to 0")
@@ -260,12 +314,26 @@ class TrainConfig:
             bad("noise_offset", "must be 0 or more (0.05 to 0.1 is usual)")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             bad("min_snr_gamma", "must be greater than 0 (5 is usual), or left empty for off")
+        if not 0 <= self.background_weight <= 1:
+            bad("background_weight", f"{self.background_weight} must be from 0 to 1 (1: off)")
+        if not self.identity_weight >= 0:
+            bad("identity_weight", f"{self.identity_weight} must be 0 (off) or more (1 is a start)")
+        elif self.identity_weight and (missing := missing_face_packages()):
+            bad("identity_weight", f"needs {' and '.join(missing)}, not installed here; {DLIB_INSTALL}, or set it "
+                                   "to 0")
+        if self.identity_every < 1:
+            bad("identity_every", f"{self.identity_every} must be at least 1")
         if self.mixed_precision not in PRECISIONS:
             bad("mixed_precision", f"'{self.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
         elif self.mixed_precision == "fp16" and resolve_precision("auto") == "no":
             bad("mixed_precision", "fp16 needs a GPU; choose auto, no or bf16 to train on the CPU")
         if self.save_every < 0 or self.validation_every < 0:
             bad("save_every" if self.save_every < 0 else "validation_every", "must be 0 (off) or more")
+        if self.keep not in KEEP:
+            bad("keep", f"'{self.keep}' is not one of {', '.join(KEEP)}")
+        elif self.keep == "best-identity" and not self.validation_every > 0:
+            bad("keep", f"best-identity chooses among validated steps; set {input_name('validation_every')} "
+                        "above 0, or keep last")
         return p
 
     def validate(self) -> "TrainConfig":

@@ -17,7 +17,12 @@ class Trainable:
     """What one method trains: the modules it touches and their trainable parameters."""
 
     modules: dict[str, torch.nn.Module]  # "unet", "text_encoder"
-    groups: dict[str, list[torch.nn.Parameter]]  # trainable params per module
+    groups: dict[str, list[torch.nn.Parameter]]  # trainable params per module, and "embedding" (pivotal tuning)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether gradients flow through the text encoder (its LoRA, or the new tokens' embedding)."""
+        return "text_encoder" in self.groups or "embedding" in self.groups
 
     def named(self) -> dict[str, torch.nn.Parameter]:
         """Trainable params by qualified name ("unet.<param>", "text_encoder.<param>")."""
@@ -61,27 +66,32 @@ def freeze_base(cfg: TrainConfig, model: SDModel, storage: torch.dtype) -> None:
         freeze_base_layers(model.unet, storage, torch.float32)
 
 
-def setup_trainable(cfg: TrainConfig, model: SDModel) -> Trainable:
-    """Freeze everything, then open what this method trains."""
+def setup_trainable(cfg: TrainConfig, model: SDModel, embedding: torch.nn.Parameter | None = None) -> Trainable:
+    """Freeze everything, then open what this method trains (and the new tokens' `embedding`, if any)."""
     for module in model.components().values():
         module.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             model.text_encoder.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.unet.compile()  # in place: the module, its parameter names and state dict stay as they are
     if cfg.method == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
-        model.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS[cfg.targets]))
+        model.unet.add_adapter(lora_config(cfg, TARGETS[cfg.targets]))
         if cfg.train_text_encoder:
-            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TEXT_TARGETS),
-                                    model.text_encoder)
+            inject_adapter_in_model(lora_config(cfg, TEXT_TARGETS), model.text_encoder)
         generator = torch.Generator().manual_seed(cfg.seed)
         for module in (model.unet, model.text_encoder):
             for name, p in module.named_parameters():
                 trained = "lora_" in name and (module is model.unet or cfg.train_text_encoder)
                 p.requires_grad_(trained)
-                if trained:  # down-weights ~ N(0, 1/rank) in fp32 whatever the base's precision, up-weights 0
+                # DoRA's magnitude keeps peft's |W0| per row: with up-weights 0 it is |W0 + delta W| before and after
+                if trained and "lora_magnitude_vector" not in name:
+                    # down-weights ~ N(0, 1/rank) in fp32 whatever the base's precision, up-weights 0
                     init = torch.randn(p.shape, generator=generator) / cfg.rank if "lora_A" in name else \
                         torch.zeros(p.shape)
                     p.data = init.to(p.device)
@@ -91,15 +101,30 @@ def setup_trainable(cfg: TrainConfig, model: SDModel) -> Trainable:
     modules = {"unet": model.unet, "text_encoder": model.text_encoder}
     groups = {name: [p for p in m.parameters() if p.requires_grad] for name, m in modules.items()}
     groups = {name: params for name, params in groups.items() if params}
+    if embedding is not None:  # its own group: its own learning rate, and it is frozen alone
+        embedding.requires_grad_(True)
+        groups["embedding"] = [embedding]
     for p in (p for params in groups.values() for p in params):
         p.data = p.data.float()  # fp32 master weights; mixed precision autocasts the compute
     return Trainable(modules, groups)
+
+
+def lora_config(cfg: TrainConfig, targets: list[str]):
+    """peft's LoraConfig for this run: rank, alpha and the variant (DoRA, rsLoRA)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, use_dora=cfg.dora,
+                      use_rslora=cfg.rslora)
 
 
 def make_optimizer(cfg: TrainConfig, trainable: Trainable) -> torch.optim.Optimizer:
     groups = [{"params": trainable.groups["unet"], "lr": cfg.lr}]
     if "text_encoder" in trainable.groups:
         groups.append({"params": trainable.groups["text_encoder"], "lr": cfg.text_encoder_lr})
+    if cfg.method == "lora" and cfg.loraplus_ratio > 1:
+        groups = _loraplus_groups(groups, trainable, cfg.loraplus_ratio)
+    if "embedding" in trainable.groups:
+        groups.append({"params": trainable.groups["embedding"], "lr": cfg.pivotal_lr})
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -114,6 +139,19 @@ def make_optimizer(cfg: TrainConfig, trainable: Trainable) -> torch.optim.Optimi
             raise UserError("optimizer 'prodigy' needs prodigyopt; pip install prodigyopt, or choose 'adamw'.") from None
         return Prodigy(groups, weight_decay=1e-2)
     return torch.optim.AdamW(groups, weight_decay=1e-2, fused=True)  # one kernel for all params: ~10% a LoRA step
+
+
+def _loraplus_groups(groups: list[dict], trainable: Trainable, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): each group's up-weights (lora_B) at `ratio` times its lr. peft's
+    create_loraplus_optimizer does this for one model and one lr (and also speeds up every 1-D parameter,
+    DoRA's linear magnitudes among them); ours has a lr per component and three optimizers."""
+    up = {id(p) for name, p in trainable.named().items() if "lora_B" in name}
+    split = []
+    for group in groups:
+        params = group["params"]
+        split.append(group | {"params": [p for p in params if id(p) not in up]})
+        split.append(group | {"params": [p for p in params if id(p) in up], "lr": group["lr"] * ratio})
+    return [group for group in split if group["params"]]
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer):

@@ -11,7 +11,7 @@ import pytest
 from conftest import new_server
 from host_helpers import ensure_test_inputs, error_message, load_workflow, nodes_of, small_prompt
 
-STEPS = 6  # save_every 1: checkpoints at steps 1..5; the kill lands after the first
+STEPS = 4  # save_every 1: checkpoints at steps 1..3; the kill lands after the first
 
 
 def train_prompt(output_name: str) -> tuple[dict, str]:

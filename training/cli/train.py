@@ -7,7 +7,7 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 from ..progress import Cancelled
-from ..train_config import METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TARGETS, TrainConfig
+from ..train_config import METHODS, OPTIMIZERS, PIVOTAL_TOKENS, PRECISIONS, SCHEDULERS, TARGETS, TrainConfig
 from .progress import TqdmProgress
 
 BASE_HELP = "the model: an SD1.5 .safetensors checkpoint, a diffusers folder, or 'tiny' (random weights, for tests)"
@@ -66,6 +66,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                                required=f.name in REQUIRED, metavar=_metavar(f), **common)
     for name, alias in HIDDEN_ALIASES.items():
         p.add_argument(alias, dest=name, help=argparse.SUPPRESS)
+    options.add_argument("--pivotal", dest="pivotal_tokens", action="store_const", const=PIVOTAL_TOKENS,
+                         help=f"pivotal tuning with {PIVOTAL_TOKENS} new tokens: the same as --pivotal-tokens "
+                              f"{PIVOTAL_TOKENS} (default: off)")
 
 
 def _metavar(f: Field) -> str | None:
@@ -141,6 +144,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{result.output} already holds this exact training run; nothing to do (pass --overwrite to retrain).")
     else:
         print(f"wrote {result.output} after {result.steps_done} steps, final loss {result.final_loss:.4f}")
+        if cfg.identity_weight:
+            from ..identity_loss import identity_summary
+
+            print(identity_summary(cfg.identity_weight, cfg.identity_every, result.losses))
         print(f"loss log and curve: {result.run_dir}")
     return 0
 

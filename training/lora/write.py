@@ -97,7 +97,7 @@ def kohya_metadata(lora: LoraFile, *, title: str | None = None, steps: int | Non
 
 def kohya_state_dict(lora: LoraFile, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The tensors of a kohya file: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha` (0-d), and for
-    DoRA `.dora_scale` [out, 1(, 1, 1)]: the output-axis shape ComfyUI's weight_decompose divides by |W0|."""
+    DoRA `.dora_scale` [out, 1(, 1, 1)] in fp32: the output-axis shape ComfyUI's weight_decompose divides by |W0|."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora.layers.items():
         if layer.magnitude is not None and layer.magnitude_norm != "base":
@@ -114,9 +114,9 @@ def kohya_state_dict(lora: LoraFile, dtype: torch.dtype = torch.float16) -> dict
         out[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(layer.alpha, dtype=dtype)
-        if layer.magnitude is not None:
+        if layer.magnitude is not None:  # fp32 always: fp16 rounds it by 5e-4 of |W0|, as much as a small trained change
             shape = (layer.shape[0], *[1] * (len(layer.shape) - 1))
-            out[f"{key}.dora_scale"] = layer.magnitude.float().reshape(shape).to(dtype).contiguous()
+            out[f"{key}.dora_scale"] = layer.magnitude.float().reshape(shape).contiguous()
     return out
 
 
