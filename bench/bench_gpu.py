@@ -153,7 +153,13 @@ def run_row(row: Row, s: Settings, emit) -> None:
                       batch_size=row.batch, resolution=s.resolution, prior_preservation=True,
                       num_class_images=len(list(class_dir.glob("class_*.png"))), mixed_precision=s.precision,
                       save_every=0, overwrite=True, resume=False, **speed)
-    train(cfg, progress=lambda event: on_step(event.step) if event.stage == "train" else None)
+    def progress(event) -> None:
+        if event.stage == "train":
+            on_step(event.step)
+        elif event.stage == "warning":  # e.g. gradient checkpointing turned on because memory is short
+            emit({"note": str(event.info.get("note", ""))})
+
+    train(cfg, progress=progress)
 
 
 def worker(spec: str) -> None:
@@ -190,7 +196,7 @@ class Meter:
     """Step reports -> steps/s after the warm-up; says when it has enough."""
 
     def __init__(self, s: Settings):
-        self.s, self.steps, self.peak = s, [], None
+        self.s, self.steps, self.peak, self.notes = s, [], None, []
 
     def add(self, step: int, t: float, peak: float | None) -> bool:
         self.steps.append((step, t))
@@ -203,7 +209,8 @@ class Meter:
         if not warm or self.steps[-1][0] <= self.s.warmup:
             return Result(row, status if status != "ok" else "no timed step", None, self.peak, device)
         (n0, t0), (n1, t1) = warm[0], self.steps[-1]
-        return Result(row, "ok", (n1 - n0) / (t1 - t0), self.peak, device)
+        status = "; ".join(["ok"] + self.notes)  # a setting the trainer changed by itself is part of the row
+        return Result(row, status, (n1 - n0) / (t1 - t0), self.peak, device)
 
 
 def measure_in_child(row: Row, s: Settings, timeout: float) -> Result:
@@ -228,6 +235,8 @@ def measure_in_child(row: Row, s: Settings, timeout: float) -> Result:
                 continue
             event = json.loads(line[len(MARK):])
             device = event.get("device", device)
+            if "note" in event:
+                meter.notes.append(event["note"])
             if "step" in event and meter.add(event["step"], event["t"], event["peak"]):
                 status = "ok"
                 break
@@ -248,7 +257,8 @@ def measure_here(row: Row, s: Settings) -> Result:
     """Run the row in this process (the smoke mode: fixed steps, nothing to cut short)."""
     meter = Meter(s)
     try:
-        run_row(row, s, lambda e: meter.add(e["step"], e["t"], e["peak"]))
+        run_row(row, s, lambda e: meter.notes.append(e["note"]) if "note" in e else
+                meter.add(e["step"], e["t"], e["peak"]))
     except Exception as exc:  # one bad row is a line of the table, not the end of the others
         return Result(row, f"failed: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}")
     return meter.result(row, "ok", "CPU")
@@ -305,7 +315,8 @@ def table(results: list[Result], s: Settings, peak: float | None) -> str:
         ref = by_row.get(r.row.reference()) if r.row.trainer == "ours" else None
         cells = [r.row.name, r.row.trainer, num(r.steps_per_s, ".2f"), num(r.samples_per_s, ".2f"),
                  num(r.peak_bytes and r.peak_bytes / 1024**3, ".2f"), "-" if mfu is None else f"{100 * mfu:.1f}%",
-                 ratio(r.samples_per_s, ref and ref.samples_per_s), ratio(r.peak_bytes, ref and ref.peak_bytes), r.status]
+                 ratio(r.samples_per_s, ref and ref.samples_per_s), ratio(r.peak_bytes, ref and ref.peak_bytes),
+                 r.status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
-"""Load Subject LoRA (any format, optional rank change, applied by ComfyUI itself) and
-Extract Subject LoRA (a LoRA from a DreamBooth checkpoint, for the rank sweep)."""
+"""Load Subject LoRA (any format, optional rank change, applied by ComfyUI itself; a bundled learned embedding
+attached to the CLIP it returns) and Extract Subject LoRA (a LoRA from a DreamBooth checkpoint, for the rank sweep)."""
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,7 +15,8 @@ from .host import (CATEGORY, NONE_CHOICE, HostProgress, NodeError, check_output_
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 CACHE_SIZE = 4  # prepared LoRAs kept in memory: a new strength or base model does not read and resize again
-_PREPARED: OrderedDict[tuple, tuple[dict, str]] = OrderedDict()
+_PREPARED: OrderedDict[tuple, tuple[dict, str, dict]] = OrderedDict()
+EMBEDDING_PREFIX = "subject_lora."  # internal embedding names on a tokenizer copy: `embedding:subject_lora.sks`
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -40,9 +44,9 @@ def trigger_of(metadata: dict) -> str:
     return metadata.get("modelspec.trigger_phrase", "") or "unknown (not in the file's metadata)"
 
 
-def prepare_lora(path: Path, rank: int, keep_energy: float) -> tuple[dict, str]:
-    """The kohya state dict (fp32) of a LoRA file in any format, resized when asked, and a
-    one-paragraph description. Cached by (file sha256, rank, keep_energy)."""
+def prepare_lora(path: Path, rank: int, keep_energy: float) -> tuple[dict, str, dict]:
+    """The kohya state dict (fp32) of a LoRA file in any format, resized when asked, a one-paragraph
+    description and its bundled embeddings (trigger -> [N, 768]). Cached by (file sha256, rank, keep_energy)."""
     import torch
 
     from ..training.lora import kohya_state_dict, read_lora, resize
@@ -69,7 +73,12 @@ def prepare_lora(path: Path, rank: int, keep_energy: float) -> tuple[dict, str]:
     else:
         used, energy = "as trained", "kept energy 1.000"
     text = f"{line}\nused rank {used}; {energy}\ntrigger: {trigger_of(lora.metadata)}"
-    prepared = (kohya_state_dict(lora, dtype=torch.float32), text)
+    if lora.embeddings:
+        from ..training.embedding import Embedding, describe
+
+        text += "".join(f"\nlearned embedding: {describe(Embedding(t, v))}; the word '{t}' in a prompt through "
+                        "the returned CLIP reads these vectors" for t, v in lora.embeddings.items())
+    prepared = (kohya_state_dict(lora, dtype=torch.float32), text, dict(lora.embeddings))
     _PREPARED[key] = prepared
     while len(_PREPARED) > CACHE_SIZE:
         _PREPARED.popitem(last=False)
@@ -94,19 +103,107 @@ def unloadable_keys(state: dict, key_map: dict, weights: dict) -> list[str]:
     return bad
 
 
+# ---------------------------------------------------------------- learned embeddings on a CLIP
+
+
+def mark_triggers(text: str, names: dict[str, str]) -> str:
+    """`text` with each whole-word trigger (any case, as CLIP lowercases) as ` embedding:<internal name> `, the
+    host's own embedding syntax; the spaces make it a word of its own wherever the trigger stood."""
+    if not names:
+        return text
+    lowered = {trigger.lower(): name for trigger, name in names.items()}
+    pattern = "|".join(re.escape(t) for t in sorted(lowered, key=len, reverse=True))
+    return re.sub(rf"(?<![\w:<.])({pattern})(?![\w>])", lambda m: f" embedding:{lowered[m[1].lower()]} ", text,
+                  flags=re.IGNORECASE)
+
+
+class SubjectEmbeddings:
+    """Mixed into a copy of ComfyUI's SDTokenizer: the trigger words read learned vectors, held in memory
+    (`subject_vectors`: internal name -> [N, d]); every other `embedding:` word is the host's as before."""
+
+    subject_triggers: dict[str, str]  # trigger -> internal name
+    subject_vectors: dict
+
+    def tokenize_with_weights(self, text, *args, **kwargs):
+        return super().tokenize_with_weights(mark_triggers(text, self.subject_triggers), *args, **kwargs)
+
+    def _try_get_embedding(self, embedding_name):
+        found = super()._try_get_embedding(embedding_name)  # (embed, [name,] leftover): its shape per host version
+        words = embedding_name.split()
+        if words and words[0] in self.subject_vectors:
+            return (self.subject_vectors[words[0]], *found[1:])
+        return found
+
+
+_MIXED: dict[type, type] = {}
+
+
+def with_embeddings(clip, embeddings: dict):
+    """Give `clip` (ComfyUI's CLIP, already cloned) its own tokenizer copy whose trigger words read `embeddings`
+    (trigger -> [N, d]); the tokenizer that CLIP.clone() shares with the other CLIPs in the graph is untouched."""
+    tokenizer = copy.copy(clip.tokenizer)
+    attribute = getattr(tokenizer, "clip", None)
+    inner = getattr(tokenizer, attribute, None) if isinstance(attribute, str) else None
+    width = next(iter(embeddings.values())).shape[-1]
+    if inner is None or not hasattr(inner, "_try_get_embedding") or getattr(inner, "embedding_size", None) != width:
+        raise NodeError(f"The LoRA carries a learned embedding of width {width}, which this CLIP cannot read; "
+                        "use the SD1.5 checkpoint's CLIP.")
+    inner = copy.copy(inner)
+    if not isinstance(inner, SubjectEmbeddings):
+        base = type(inner)
+        _MIXED.setdefault(base, type(f"Subject{base.__name__}", (SubjectEmbeddings, base), {}))
+        inner.__class__ = _MIXED[base]
+        inner.subject_triggers, inner.subject_vectors = {}, {}
+    names = {trigger: EMBEDDING_PREFIX + trigger for trigger in embeddings}
+    inner.subject_triggers = {**inner.subject_triggers, **names}
+    inner.subject_vectors = {**inner.subject_vectors, **{names[t]: v for t, v in embeddings.items()}}
+    if inner.embedding_directory is None:  # the host reads `embedding:` words only with a folder list
+        inner.embedding_directory = []
+    setattr(tokenizer, attribute, inner)
+    clip.tokenizer = tokenizer
+    return clip
+
+
+class BundledEmbeddingNote(logging.Filter):
+    """ComfyUI's load_lora logs `lora key not loaded: bundle_emb.<name>...` for an embedding a LoRA bundles (the
+    core LoraLoader cannot apply it). That one line becomes a plain note; no other record is touched."""
+
+    PREFIX = "lora key not loaded: bundle_emb."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            name = message[len(self.PREFIX):].split(".", 1)[0]
+            record.msg = (f"This LoRA bundles a learned embedding for '{name}'; Load Subject LoRA applies it, or "
+                          f"write embedding:<LoRA name>_embedding in the prompt (Train Subject writes that file "
+                          "to models/embeddings).")
+            record.args = ()
+        return True
+
+
+def install_bundled_embedding_note() -> None:
+    """Add the filter to the root logger (where comfy/lora.py logs), once."""
+    root = logging.getLogger()
+    if not any(isinstance(f, BundledEmbeddingNote) for f in root.filters):
+        root.addFilter(BundledEmbeddingNote())
+
+
 # ---------------------------------------------------------------- nodes
 
 
 class LoadSubjectLoRA:
     DESCRIPTION = ("Applies a LoRA (kohya, diffusers, peft or ComfyUI format) to the model and CLIP, optionally "
                    "at a lower rank (SVD resize), the way the core LoRA loader does it, so it stacks with other "
-                   "LoRA nodes. Any layer ComfyUI could not apply is an error here, not a silent log line.")
+                   "LoRA nodes. Any layer ComfyUI could not apply is an error here, not a silent log line. A "
+                   "learned embedding in the file (pivotal tuning) goes onto the returned CLIP: its trigger word "
+                   "in any prompt through that CLIP reads the learned vectors.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "info")
-    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.", "The CLIP with the LoRA applied.",
-                       "Trained rank, used rank, kept energy and the trigger token.")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",
+                       "The CLIP with the LoRA applied, and the learned embedding if the file has one.",
+                       "Trained rank, used rank, kept energy, the trigger token and any learned embedding.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -149,7 +246,7 @@ class LoadSubjectLoRA:
         name = lora_file or lora_name
         path = model_file("loras", name)
         with user_errors():
-            state, info = prepare_lora(path, rank, keep_energy)
+            state, info, embeddings = prepare_lora(path, rank, keep_energy)
         if strength_model == 0 and strength_clip == 0:
             info += "\nstrengths are 0: not applied"
             return {"ui": {"text": [info]}, "result": (model, clip, info)}
@@ -166,6 +263,8 @@ class LoadSubjectLoRA:
             raise NodeError(f"{path.name}: {len(bad)} LoRA layers would not load into this model, e.g. "
                             f"{'; '.join(bad[:3])}. Use the SD1.5 checkpoint the LoRA was trained on.")
         model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength_model, strength_clip)
+        if embeddings and clip is not None:
+            clip = with_embeddings(clip, embeddings)
         info += f"\nstrength model {strength_model:g}, clip {strength_clip:g}"
         return {"ui": {"text": [info]}, "result": (model, clip, info)}
 

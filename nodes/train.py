@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..training.train_config import (METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, field_help,
+from ..training.train_config import (KEEP, METHODS, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig, field_help,
                                      method_defaults_text)
 from .class_images import CLASS_IMAGES
 from .dataset import SUBJECT_DATASET
@@ -89,8 +89,9 @@ class TrainSubject:
                                 "models/loras or models/checkpoints."}),
                 "validation_every": ("INT", {"default": TrainConfig.validation_every, "min": 0, "max": 100000,
                                              "tooltip":
-                                     "Render the three test scenes every N steps (0 = never); the images appear in "
-                                     "the live chart and in the run folder."}),
+                                     "Render the three test scenes and a purple-hair probe every N steps (0 = never) "
+                                     "and score them (face found, identity distance to the dataset's crops); the "
+                                     "images and the identity line appear in the live chart and in the run folder."}),
                 "overwrite": ("BOOLEAN", {"default": TrainConfig.overwrite, "tooltip":
                               "Replace an existing file of that name made by different settings. Off: such a "
                               "file is never overwritten."}),
@@ -107,6 +108,8 @@ class TrainSubject:
                                                 "step": 0.05, "tooltip": _help("background_weight")}),
                 "identity_weight": ("FLOAT", {"default": TrainConfig.identity_weight, "min": 0.0, "max": 100.0,
                                               "step": 0.1, "tooltip": _help("identity_weight")}),
+                "keep": (list(KEEP), {"default": TrainConfig.keep, "tooltip": _help("keep") + " Needs "
+                         "validation_every above 0."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -135,7 +138,7 @@ class TrainSubject:
               batch_size, train_text_encoder, prior_loss_weight, seed, precision, gradient_checkpointing, output_name,
               validation_every, overwrite, class_images=None, pivotal_tokens=TrainConfig.pivotal_tokens,
               save_every=TrainConfig.save_every, background_weight=TrainConfig.background_weight,
-              identity_weight=TrainConfig.identity_weight, unique_id=None):
+              identity_weight=TrainConfig.identity_weight, keep=TrainConfig.keep, unique_id=None):
         import torch
 
         from ..training.train import train
@@ -157,7 +160,7 @@ class TrainSubject:
             mixed_precision=precision, seed=seed, validation_every=validation_every, save_every=save_every,
             run_dir=str(output_folder("runs", stem)), overwrite=overwrite, pivotal_tokens=pivotal_tokens,
             embedding_dir=str(first_model_folder("embeddings")) if pivotal_tokens else None,
-            background_weight=background_weight, identity_weight=identity_weight)
+            background_weight=background_weight, identity_weight=identity_weight, keep=keep)
         watch = TrainingWatch(unique_id)
         started = time.perf_counter()
         with user_errors():
@@ -208,7 +211,7 @@ class TrainingWatch:
             send_event(PROGRESS_EVENT, {
                 "node": self.node_id, "step": event.step, "total": event.total, "loss": info.get("loss"),
                 "lr": info.get("lr"), "it_per_s": info.get("it_per_s"), "eta_s": info.get("eta_s"),
-                "identity_loss": info.get("identity_loss"),
+                "identity_loss": info.get("identity_loss"), "identity": info.get("identity"),
                 "images": [ref for ref in map(view_ref, info.get("images") or []) if ref],
             })
         self.bar(event)  # last: on Cancel it raises, and the trainer saves a checkpoint
@@ -245,5 +248,10 @@ def train_report(cfg, result, resumed_from: int | None, seconds: float, class_im
         from ..training.identity_loss import identity_summary
 
         lines.append("  " + identity_summary(cfg.identity_weight, cfg.identity_every, result.losses))
+    from ..training.identity import identity_report
+
+    validated = identity_report(cfg, result)
+    if validated:
+        lines.append("  " + validated)
     lines.append(f"  run folder (checkpoints, loss log, validation images): {cfg.run_path}")
     return "\n".join(lines)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from training.lora import LoraFile, module_table, read_lora, write_kohya
 from training.models import FAMILY_CONFIGS
+from training.resources import one_thread
 
 TE_PATH = "encoder.layers.0.self_attn.q_proj"
 Q1 = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -100,3 +102,11 @@ def save_lora(tmp_path, state, name="x.safetensors", metadata=None):
     path = tmp_path / name
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread: on a shared, busy 2-core machine big LAPACK calls and tiny's training steps
+    run 10-30x faster than on two contending threads."""
+    with one_thread():
+        yield

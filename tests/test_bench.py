@@ -65,7 +65,7 @@ def test_smoke_prints_every_row_with_the_gpu_columns():
         if "compile" in r["row"]:
             assert r["status"].startswith("skipped"), r
             continue
-        assert r["status"] == "ok", r
+        assert r["status"].startswith("ok"), r  # "ok; <note>" when the trainer changed a setting by itself
         batch = int(r["row"].split("-b")[1].split("+")[0])
         steps, samples = float(r["steps/s"]), float(r["samples/s"])
         assert steps > 0 and samples == pytest.approx(2 * batch * steps, rel=0.02), r

@@ -31,3 +31,18 @@ def test_training_attention_runs_through_sdpa(tmp_path):
     assert any("scaled_dot_product" in op and "backward" in op for op in ops), sorted(ops)[:50]
     assert "aten::baddbmm" not in ops
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_native(monkeypatch):
+    """A T4 or V100 (compute capability 7) creates bf16 tensors, but emulates bf16 math: fp16 there."""
+    from training.train_config import resolve_precision
+
+    def bf16_on(major: int):
+        return lambda including_emulation=True: major >= 8 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_on(7))
+    assert resolve_precision("auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_on(9))
+    assert resolve_precision("auto") == "bf16"
+    assert resolve_precision("no") == "no"

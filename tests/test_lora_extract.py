@@ -9,10 +9,9 @@ import torch
 
 from training.lora import extract, extraction_targets, read_lora
 from training.lora.extract import factor_sketched
-from training.resources import one_thread
 from training.models import build_tiny, save_single_file
 
-from lora_helpers import Q1, TE_PATH, kohya_file, randn, rel_err
+from lora_helpers import Q1, TE_PATH, kohya_file, one_torch_thread, randn, rel_err  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +100,6 @@ def dreambooth_like_change(m: int, n: int, signal_rank: int, signal_share: float
 
 # SD1.5 shapes: attn1.to_q of block 0, ff.net.2 of block 1, attn of the mid block, a 3x3 conv flattened
 SD15_SHAPES = [(320, 320), (640, 2560), (1280, 1280), (320, 320 * 9)]
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Big LAPACK calls on a shared, busy 2-core machine run about 10x faster on one thread."""
-    with one_thread():
-        yield
 
 
 @pytest.mark.parametrize("m,n", SD15_SHAPES)

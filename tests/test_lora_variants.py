@@ -14,7 +14,7 @@ from training.lora import kohya_name, peft_state_to_lora, read_lora, resize, wri
 from training.models import FAMILY_CONFIGS, build_tiny
 
 from fixture_paths import SUBJECT_PHOTOS
-from lora_helpers import rel_err
+from lora_helpers import one_torch_thread, rel_err  # noqa: F401 (a fixture)
 
 TARGETS = ["to_q", "to_v", "ff.net.2", "proj_in", "conv1"]  # linear, 1x1 conv (proj_in), 3x3 conv
 
@@ -225,7 +225,7 @@ def train_variant(dataset, out, **variant):
     return model, read_lora(out)
 
 
-def test_dora_trains_and_its_file_patches_to_the_trained_peft_weight(dataset, tmp_path):
+def test_dora_trains_and_its_file_patches_to_the_trained_peft_weight(dataset, tmp_path, one_torch_thread):
     model, lora = train_variant(dataset, tmp_path / "dora.safetensors", dora=True)
     layers = peft_layers(model.unet)
     assert set(lora.layers) == set(layers) and lora.metadata["dreambooth.lora_variant"] == "dora"
@@ -241,7 +241,7 @@ def test_dora_trains_and_its_file_patches_to_the_trained_peft_weight(dataset, tm
     assert moved  # the magnitudes trained (and started at |W0|: our seeded re-init left them alone)
 
 
-def test_rslora_and_loraplus_train_and_record_their_variant(dataset, tmp_path):
+def test_rslora_and_loraplus_train_and_record_their_variant(dataset, tmp_path, one_torch_thread):
     model, lora = train_variant(dataset, tmp_path / "rs.safetensors", rslora=True, loraplus_ratio=16.0)
     for name, module in peft_layers(model.unet).items():
         assert lora.layers[name].scale == pytest.approx(module.scaling["default"]) == pytest.approx(8 / 2)
@@ -252,7 +252,7 @@ def test_rslora_and_loraplus_train_and_record_their_variant(dataset, tmp_path):
     assert args["rs_lora"] == "True" and float(args["loraplus_lr_ratio"]) == 16.0
 
 
-def test_loraplus_gives_up_weights_ratio_times_the_learning_rate():
+def test_loraplus_gives_up_weights_ratio_times_the_learning_rate(one_torch_thread):
     from training.trainable import make_optimizer, setup_trainable
     from training.train_config import TrainConfig
 

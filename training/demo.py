@@ -1,7 +1,8 @@
 """`demo`: the three-scene test end to end, in one call.
 
 The subject's photos (the bundled sample by default) -> a prepared dataset -> class images -> LoRA and DreamBooth
-training -> the LoRA at a lower rank as well -> the three scenes from every model ->
+training (LoRA at rank 16 and at rank 4) -> the rank-16 LoRA resized to rank 4 as well -> the three scenes from
+every model ->
 scores against the photos -> one Markdown report. On `tiny` it takes about a minute on a
 laptop CPU and the pictures are noise; with a real SD1.5 file the defaults are a real run.
 A re-run into the same folder reuses the trained models and the class images.
@@ -10,8 +11,8 @@ Layout of the output folder:
     report.md                         the report (relative links to everything below)
     dataset_<res>px/                  crops, captions, contact_sheet.png
     class_images/                     the prior-preservation cache
-    models/<method>_..._<steps>steps.safetensors (+ .run/ with loss.png)
-    images/<method>[_r<rank>]_<scene>_<seed>.png, prompts.json
+    models/<method>_..._<steps>steps.safetensors (+ .run/ with loss.png), ..._resized_r4.safetensors
+    images/<model>[_r<rank>]_<scene>_<seed>.png, prompts.json   (model: base, dreambooth, lora, lora-resized)
     evaluation/report.json, table.txt, grid.png, chart.png
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from .errors import UserError
 from .eval import DEFAULT_FACE_DETECTOR
+from .eval.report import group_key, group_name
 from .models import SDModel, load_model
 from .progress import Progress, ProgressFn, no_progress
 from .safe_io import atomic_write_text
@@ -61,8 +63,8 @@ class DemoConfig:
     base: str = "tiny"
     steps: int | None = None  # tiny: 200; real base: the trainer's (LoRA 800, DreamBooth 400)
     methods: tuple[str, ...] = ("lora", "dreambooth")
-    lora_rank: int = 16
-    smaller_ranks: tuple[int, ...] = (4,)  # the trained LoRA resized (SVD) to these ranks; 4 is the seed's
+    lora_ranks: tuple[int, ...] = (16, 4)  # a LoRA trained at each; 4 is the seed's rank
+    resized_ranks: tuple[int, ...] = (4,)  # the first LoRA resized (SVD, no training) to each: beside the trained one
     class_images: int | None = None  # tiny: 8; real base: 100
     sample_steps: int | None = None  # sampler steps per picture; tiny: 20, real base: 30
     with_base: bool = True  # also render the untrained base: the control for every other row
@@ -89,6 +91,11 @@ class DemoConfig:
         unknown = [m for m in self.methods if m not in ("lora", "dreambooth")]
         if unknown or not self.methods:
             raise UserError(f"methods {list(self.methods)} must be 'lora' and/or 'dreambooth'.")
+        if "lora" in self.methods and (not self.lora_ranks or min(self.lora_ranks) < 1):
+            raise UserError(f"lora_ranks {list(self.lora_ranks)} must be one or more ranks of at least 1.")
+        if "lora" in self.methods and any(not 1 <= r < self.lora_ranks[0] for r in self.resized_ranks):
+            raise UserError(f"resized_ranks {list(self.resized_ranks)} must be below the first of lora_ranks "
+                            f"({self.lora_ranks[0]}) and at least 1.")
         if not Path(self.photos).is_dir():
             raise UserError(f"The photo folder {self.photos} does not exist or is not a folder; "
                             "pass a folder of the subject's photos.")
@@ -109,6 +116,16 @@ class DemoRun:
     loss_curve: Path | None = None
     resized_from: int | None = None  # the rank of the LoRA this one was resized from
     note: str = ""
+
+    @property
+    def model(self) -> str:
+        """The name images and scores carry: the method, or "lora-resized" for a resized LoRA."""
+        return f"{self.method}-resized" if self.resized_from else self.method
+
+    @property
+    def label(self) -> str:
+        """"lora r16", "lora-resized r4", "dreambooth": as in the grid and the tables."""
+        return group_name(self.model, self.rank)
 
 
 @dataclass
@@ -141,8 +158,9 @@ def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"The output {out} is a file; pass a folder for the demo (--out).")
-    stages = _Stages(progress, ["load base", "prepare photos"] + [f"train {m}" for m in cfg.methods]
-                     + (["resize lora"] if "lora" in cfg.methods and cfg.smaller_ranks else [])
+    trainings = [(m, r) for m in cfg.methods for r in (cfg.lora_ranks if m == "lora" else (None,))]
+    stages = _Stages(progress, ["load base", "prepare photos"] + [f"train {group_name(m, r)}" for m, r in trainings]
+                     + (["resize lora"] if "lora" in cfg.methods and cfg.resized_ranks else [])
                      + ["generate", "evaluate", "report"])
     with stages.step("load base") as report:
         model = load_model(cfg.base)
@@ -158,15 +176,15 @@ def run_demo(out_dir: str | Path, base: str = "tiny", steps: int | None = None, 
                                       PrepareConfig(token=cfg.token, class_word=cfg.class_word,
                                                     resolution=plan.resolution), stages.sub())
         runs = []
-        for method in cfg.methods:
-            with stages.step(f"train {method}"):
-                runs.append(_train(cfg, plan, method, model, dataset.folder, out, stages.sub()))
+        for method, rank in trainings:
+            with stages.step(f"train {group_name(method, rank)}"):
+                runs.append(_train(cfg, plan, method, rank, model, dataset.folder, out, stages.sub()))
         lora = next((r for r in runs if r.method == "lora"), None)
-        if lora is not None and cfg.smaller_ranks:
+        if lora is not None and cfg.resized_ranks:
             with stages.step("resize lora") as report:
-                smaller = [_resize(lora, rank) for rank in cfg.smaller_ranks if rank < lora.rank]
-                runs[runs.index(lora) + 1:runs.index(lora) + 1] = smaller
+                runs += [_resize(lora, rank) for rank in cfg.resized_ranks]
                 report(1, 1)
+        runs.sort(key=lambda r: group_key(r.model, r.rank))  # the one order of every table and picture
         with stages.step("generate") as report:
             images = _generate_all(cfg, plan, model, runs, out / "images", report)
         with stages.step("evaluate"):
@@ -241,13 +259,12 @@ def _slug(base: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")[:40] or "base"
 
 
-def _train(cfg: DemoConfig, plan: _Plan, method: str, model: SDModel, dataset: Path, out: Path,
+def _train(cfg: DemoConfig, plan: _Plan, method: str, rank: int | None, model: SDModel, dataset: Path, out: Path,
            progress: ProgressFn) -> DemoRun:
     from .train import train
     from .train_config import TrainConfig
 
     steps = plan.steps[method]
-    rank = cfg.lora_rank if method == "lora" else None
     # The name carries what differs between demo runs into one folder, so none refuses another's file.
     name = f"{method}{f'_r{rank}' if rank else ''}_{_slug(cfg.base)}_{steps}steps"
     extra = {"rank": rank} if rank else {"lr": DREAMBOOTH_LR, "lr_scheduler": DREAMBOOTH_SCHEDULER}
@@ -276,7 +293,7 @@ def _resize(lora: DemoRun, rank: int) -> DemoRun:
     started = time.perf_counter()
     small, layers = resize(read_lora(lora.path), rank=rank)
     kept = sum(layer.kept for layer in layers) / len(layers)
-    path = lora.path.with_name(lora.path.name.replace(f"_r{lora.rank}_", f"_r{rank}_", 1))
+    path = lora.path.with_name(f"{lora.path.stem}_resized_r{rank}.safetensors")  # the trained r4 has the plain name
     write_kohya(small, path, metadata={"dreambooth.resized_from": lora.path.name,
                                        "dreambooth.resize_target": f"rank {rank}"})
     return DemoRun("lora", rank, path, lora.steps, seconds=time.perf_counter() - started, resized_from=lora.rank,
@@ -297,17 +314,17 @@ def _generate_all(cfg: DemoConfig, plan: _Plan, model: SDModel, runs: list[DemoR
     from .generate import GenerateRequest, run_generate
 
     _remove_previous(folder)
-    groups = ([("base", None, None)] if cfg.with_base else []) + [(r.method, r.rank, r) for r in runs]
+    groups = ([("base", None, None)] if cfg.with_base else []) + [(r.model, r.rank, r) for r in runs]
     prompts = scene_prompts(cfg.token, cfg.class_word)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     written, described = [], {}
     for n, (method, rank, run) in enumerate(groups):
-        report(n, len(groups), {"note": _group(method, rank)})
+        report(n, len(groups), {"note": group_name(method, rank)})
         if method == "dreambooth":
             target = load_model(run.path)  # the written checkpoint, as a user would load it
         else:
             target = _editable_copy(model)  # a LoRA is merged into the weights: never into the shared model
-        request = GenerateRequest(base=cfg.base, lora=str(run.path) if method == "lora" else None,
+        request = GenerateRequest(base=cfg.base, lora=str(run.path) if run and run.method == "lora" else None,
                                   token=cfg.token, class_word=cfg.class_word, out=folder / f".{method}_{rank}",
                                   seed=cfg.seed, steps=plan.sample_steps, resolution=plan.resolution,
                                   overwrite=True)  # the demo's own scratch folder: a killed demo may have left it
@@ -337,10 +354,6 @@ def _remove_previous(folder: Path) -> None:
     for name in listed if isinstance(listed, dict) else []:
         if Path(name).name == name:
             (folder / name).unlink(missing_ok=True)
-
-
-def _group(method: str, rank: int | None) -> str:
-    return method if rank is None else f"{method} r{rank}"
 
 
 # ---------------------------------------------------------------- the report
@@ -373,20 +386,22 @@ def render_report(result: DemoResult, cfg: DemoConfig, plan: _Plan, dataset: Dat
               f"Prior preservation with {plan.class_images} class images (`{rel(out / 'class_images')}/`).", "",
               "| model | how | steps | final loss | time | file |", "|---|---|---|---|---|---|"]
     for run in result.runs:
-        how = f"resized from r{run.resized_from}" if run.resized_from else _method_title(run.method)
+        how = (f"the r{run.resized_from} LoRA resized (no training)" if run.resized_from
+               else f"{_method_title(run.method)}, trained" + (f" at rank {run.rank}" if run.rank else ""))
         time_cell = "reused" if run.reused else f"{run.seconds:.1f} s"
         loss = "-" if run.final_loss is None else f"{run.final_loss:.4f}"
-        lines.append(f"| {_group(run.method, run.rank)} | {how} | {run.steps} | {loss} | {time_cell} | "
+        steps = "-" if run.resized_from else run.steps
+        lines.append(f"| {run.label} | {how} | {steps} | {loss} | {time_cell} | "
                      f"[`{run.path.name}`]({rel(run.path)}) |")
     lines.append("")
-    lines += [f"- {_group(r.method, r.rank)}: {r.note}" for r in result.runs if r.note]
+    lines += [f"- {r.label}: {r.note}" for r in result.runs if r.note]
     if any(r.method == "dreambooth" for r in result.runs):
         lines.append(f"- DreamBooth uses the seed's learning rate {DREAMBOOTH_LR:g} with a {DREAMBOOTH_SCHEDULER} "
                      "schedule; LoRA the trainer's defaults.")
     lines.append("")
     for run in result.runs:
         if run.loss_curve is not None:
-            lines += [f"![loss of {_group(run.method, run.rank)}]({rel(run.loss_curve)})", ""]
+            lines += [f"![loss of {run.label}]({rel(run.loss_curve)})", ""]
     lines += ["## All pictures", "", "One row per model, one column per scene; each tile is annotated with its scores "
               "(face line: green = the subject, red = no face or someone else).", "",
               f"![grid]({rel(out / 'evaluation' / 'grid.png')})", ""]
@@ -421,7 +436,8 @@ def _verdicts(result: DemoResult) -> list[str]:
     for row in rows:
         n = row["n"]
         faces, match = round((row["presence"] or 0) * n), round((row["identity_match"] or 0) * n)
-        text = f"- **{_group(row['method'], row['rank'])}**: a face in {faces} of {n} pictures, the subject in {match}"
+        text = (f"- **{group_name(row['method'], row['rank'])}**: a face in {faces} of {n} pictures, "
+                f"the subject in {match}")
         if row["identity_distance"] is not None:
             text += f" (identity distance {row['identity_distance']:.2f}"
             text += f"; the photos lie {baseline:.2f} from each other)" if baseline is not None else ")"
@@ -430,21 +446,19 @@ def _verdicts(result: DemoResult) -> list[str]:
 
 
 def _scene_sections(result: DemoResult, cfg: DemoConfig, rel: Callable) -> list[str]:
-    """One section per scene (in the seed's order), one column per model (in the order they were made)."""
+    """One section per scene (in the seed's order), one column per model (in the one order: group_key)."""
     prompts = scene_prompts(cfg.token, cfg.class_word)
     scenes = list(prompts) + sorted({s.scene for s in result.evaluation.images} - set(prompts))
-    models = ["base"] + [_group(r.method, r.rank) for r in result.runs]
     lines = []
     for scene in scenes:
         rows = sorted((s for s in result.evaluation.images if s.scene == scene),
-                      key=lambda s: (models.index(_group(s.method, s.rank)) if _group(s.method, s.rank) in models
-                                     else len(models), s.label))
+                      key=lambda s: (group_key(s.method, s.rank), s.label))
         if not rows:
             continue
         first = rows[0]
         lines += [f"## Scene: {scene}", "", f"What to look for: {SCENE_LOOK.get(scene, '')}", "",
                   f"- prompt: `{first.prompt or prompts.get(scene, '')}`", f"- negative prompt: `{SEED_NEGATIVE}`", "",
-                  "| " + " | ".join(_group(r.method, r.rank) for r in rows) + " |",
+                  "| " + " | ".join(group_name(r.method, r.rank) for r in rows) + " |",
                   "|" + "---|" * len(rows),
                   "| " + " | ".join(f"![{Path(r.path).name}]({rel(r.path)})" for r in rows) + " |",
                   "| " + " | ".join(_face_cell(r) for r in rows) + " |", ""]

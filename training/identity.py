@@ -85,33 +85,32 @@ class IdentityTracker:
 
     def __init__(self, cfg: TrainConfig, dataset_folder: Path, progress: ProgressFn, resumed_step: int = 0,
                  losses: Sequence[dict] = ()):
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress, self.dataset_folder = cfg, progress, dataset_folder
         self.kept_path = cfg.run_path / KEPT_FILE
-        self.best: StepScores | None = None
         self._face: FaceScorer | None = None
         self._clip = None
-        self._notes: list[str] = []
-        if not cfg.validation_every:
-            return
-        self._face = self._load_face_scorer(dataset_folder)
-        if cfg.validation_clip:
+        self._loaded = False  # the scorers load at the first validation (a run may never reach one)
+        self.best = self._resumed_best(resumed_step, losses) if cfg.validation_every else None
+
+    # ---------------------------------------------------------------- setup
+
+    def _note(self, text: str) -> None:
+        self.progress(Progress("warning", 0, 0, {"note": text}))
+
+    def _load_scorers(self) -> None:
+        self._loaded = True
+        self._face = self._load_face_scorer(self.dataset_folder)
+        if self.cfg.validation_clip:
             from .eval.scorers import Unavailable, load_clip
 
             try:
-                self._clip = load_clip(cfg.validation_clip)
+                self._clip = load_clip(self.cfg.validation_clip)
             except Unavailable as e:
                 self._note(f"validation_clip: CLIP-T {e}")
             else:
                 if not self._clip.has_text:
                     self._clip = None
                     self._note("validation_clip: CLIP-T needs the text tower; give a Hugging Face CLIP folder")
-        self.best = self._resumed_best(resumed_step, losses)
-
-    # ---------------------------------------------------------------- setup
-
-    def _note(self, text: str) -> None:
-        self._notes.append(text)
-        self.progress(Progress("warning", 0, 0, {"note": text}))
 
     def _load_face_scorer(self, dataset_folder: Path) -> FaceScorer | None:
         from .eval.scorers import Unavailable
@@ -152,6 +151,8 @@ class IdentityTracker:
     def score(self, step: int, images: Sequence[Path]) -> StepScores:
         from PIL import Image
 
+        if not self._loaded:
+            self._load_scorers()
         started = time.perf_counter()
         pictures = []
         for path in images:
@@ -201,3 +202,23 @@ class IdentityTracker:
 
         trainable.load(load_file(str(self.kept_path)))
         return self.best
+
+
+def identity_report(cfg: TrainConfig, result) -> str | None:
+    """The line the CLI and the node print about validation scores and the step written; None without
+    validation (or for a reused output)."""
+    if not cfg.validation_every or result.reused:
+        return None
+    if result.kept is not None:
+        return (f"kept step {result.kept.step} of {result.steps_done} (keep best-identity): "
+                f"{result.kept.describe()}")
+    if cfg.keep == "best-identity":
+        return "keep best-identity: no validation render showed a face, so the last step was written"
+    scored = [r for r in result.losses if r.get("identity") is not None]
+    if not scored:
+        return "validation: no render showed a face, so identity was not scored"
+    best = min(reversed(scored), key=lambda r: r["identity"])  # ties: the later step, as keep best-identity
+    scores = StepScores(best["step"], best["identity"], best.get("presence"), best.get("clip_t"),
+                        best.get("probe_clip_t"))
+    return (f"validation: best identity at step {best['step']} ({scores.describe()}); the last step was written "
+            "(keep best-identity writes the best)")

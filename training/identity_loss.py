@@ -19,8 +19,8 @@ import torch
 
 from .errors import UserError, input_name
 from .progress import Progress, ProgressFn
+from .train_config import IDENTITY_MAX_T_FRACTION as MAX_T_FRACTION  # the term is computed for t <= 0.6 T
 
-MAX_T_FRACTION = 0.6  # the term is computed for t <= 0.6 T (600 of 1000)
 DETECT_SIDE = 256  # smaller crops are upscaled to this for dlib's detector and landmarks (faces ~100 px)
 
 

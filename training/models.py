@@ -347,7 +347,8 @@ def weights_sha256(model: SDModel) -> str:
         for key, tensor in sorted(module.state_dict().items()):
             digest.update(f"{name}.{key}".encode())
             tensor = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
-            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            # flat first: a channels-last [o, i, 1, 1] weight counts as contiguous but has a last stride > 1
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -30,6 +30,8 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # The one table of method defaults; help text, node tooltips and README quote it.
 METHOD_DEFAULTS = {"lora": {"steps": 800, "lr": 1e-4}, "dreambooth": {"steps": 400, "lr": 2e-6}}
 DEFAULT_CLASS_IMAGES = 100
+# The identity loss skips timesteps above this share of the schedule (identity_loss.py says why).
+IDENTITY_MAX_T_FRACTION = 0.6
 PIVOTAL_TOKENS = 2  # what `--pivotal` (and the node's first step up from 0) means: two new tokens
 # Fields that change the result; the rest (where files go, how often to report) do not.
 NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "validation_prompts", "validation_negative",
@@ -54,7 +56,8 @@ def resolve_precision(choice: str) -> str:
 
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # native bf16 only (Ampere and newer): a T4 or V100 runs bf16 emulated, far slower than fp16
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def missing_face_packages() -> list[str]:
@@ -148,7 +151,8 @@ class TrainConfig:
     identity_weight: float = field(default=0.0, metadata=_help(
         "identity loss W (faces only, not objects or pets): adds W * (1 - t/T)^2 * (1 - cosine) between dlib's "
         "face descriptors of the model's denoised estimate and of the training crop, for subject photos with a "
-        "face at timesteps up to 600 of 1000; each such step decodes with the VAE (slower, more memory); needs "
+        f"face at timesteps up to {IDENTITY_MAX_T_FRACTION:.0%} of the schedule; each such step decodes with the "
+        "VAE (slower, more memory); needs "
         "dlib; 1 is a start (0: off)"))
     identity_every: int = field(default=1, metadata=_help(
         "compute the identity loss every K steps only, to bound its cost (4: about a quarter of it)"))
@@ -170,7 +174,7 @@ class TrainConfig:
     validation_negative: str = field(default=SEED_NEGATIVE, metadata=_help("negative prompt of the validation images"))
     validation_every: int = field(default=0, metadata=_help(
         "render the validation prompts every N steps and score them: subject present (a face found), identity "
-        "distance to the dataset's crops, CLIP-T with validation_clip (0: never)"))
+        "distance to the dataset's crops, and CLIP-T when CLIP weights are given (0: never)"))
     validation_clip: str | None = field(default=None, metadata=_help(
         "a local Hugging Face CLIP folder (with its text tower) for the validation renders' CLIP-T; unset: no CLIP-T"))
     keep: str = field(default="last", metadata=_help(
@@ -329,6 +333,9 @@ class TrainConfig:
             bad("mixed_precision", "fp16 needs a GPU; choose auto, no or bf16 to train on the CPU")
         if self.save_every < 0 or self.validation_every < 0:
             bad("save_every" if self.save_every < 0 else "validation_every", "must be 0 (off) or more")
+        if self.validation_clip and not Path(self.validation_clip).is_dir():
+            bad("validation_clip", f"{self.validation_clip} is not a folder; give a local Hugging Face CLIP folder "
+                                   "(config.json, model.safetensors, tokenizer files), or leave it empty")
         if self.keep not in KEEP:
             bad("keep", f"'{self.keep}' is not one of {', '.join(KEEP)}")
         elif self.keep == "best-identity" and not self.validation_every > 0:

@@ -7,7 +7,9 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 from ..progress import Cancelled
-from ..train_config import METHODS, OPTIMIZERS, PIVOTAL_TOKENS, PRECISIONS, SCHEDULERS, TARGETS, TrainConfig
+from ..prompts import PROBE_PROMPT
+from ..train_config import (KEEP, METHODS, OPTIMIZERS, PIVOTAL_TOKENS, PRECISIONS, SCHEDULERS, TARGETS,
+                            TrainConfig)
 from .progress import TqdmProgress
 
 BASE_HELP = "the model: an SD1.5 .safetensors checkpoint, a diffusers folder, or 'tiny' (random weights, for tests)"
@@ -16,7 +18,7 @@ REQUIRED = ("base", "instance_dir", "output")
 FLAGS = {"output": ("--out", "--output"), "validation_prompts": ("--validation-prompt",)}
 HIDDEN_ALIASES = {"instance_dir": "--instance-data"}  # diffusers' name
 CHOICES = {"method": METHODS, "lr_scheduler": SCHEDULERS, "optimizer": OPTIMIZERS, "mixed_precision": PRECISIONS,
-           "targets": tuple(TARGETS)}
+           "targets": tuple(TARGETS), "keep": KEEP}
 TYPES = {"bool": bool, "int": int, "float": float, "int | None": int, "float | None": float}
 # what `generate` does when an option is left out (GenerateRequest's defaults; tests/test_cli.py checks they agree)
 GENERATE_DEFAULTS = {"strength": 1.0, "rank": 0, "seed": 0, "steps": 25, "guidance": 7.5, "sampler": "ddim"}
@@ -33,7 +35,8 @@ def field_help(f: Field) -> str:
     # the CLI keeps a 0 the user typed (and refuses it): only leaving a flag out means "the default"
     text = f.metadata.get("help", "").replace("0 or unset", "unset")
     if f.name == "validation_prompts":
-        return "a validation prompt (repeatable); {token} and {class} are filled in (default: the three scenes)"
+        return ("a validation prompt (repeatable); {token} and {class} are filled in (default: the three scenes "
+                "and the off-identity probe '" + PROBE_PROMPT + "')")
     if f.name in REQUIRED:
         return text
     default = f.default if f.default is not MISSING else None
@@ -148,6 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             from ..identity_loss import identity_summary
 
             print(identity_summary(cfg.identity_weight, cfg.identity_every, result.losses))
+        from ..identity import identity_report
+
+        validated = identity_report(cfg, result)
+        if validated:
+            print(validated)
         print(f"loss log and curve: {result.run_dir}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError, input_name
 from .crop import CROP_MODES, CROP_VERSION, Box
+from .regions import region_image, subject_map
 
 DATASET_JSON = "dataset.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -143,8 +144,6 @@ class PreparedDataset:
     def subject_map(self, item: DatasetItem, size: int):
         """The item's subject region on a `size` x `size` grid (float32, 1 inside, 0 outside; mirrored
         for a flipped copy), or None when it has none."""
-        from .regions import region_image, subject_map
-
         region = region_image(self.config.resolution, item.subject_box, item.subject_mask, item.flipped)
         return None if region is None else subject_map(region, size)
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from ..drawing import fit_text, font
+from ..drawing import font, font_size, wrap_text
 from ..errors import name_list
 from .dataset import CONTACT_SHEET, DATASET_JSON, ItemRecord, PrepareConfig, Skipped
 
@@ -92,21 +92,24 @@ def thumbnail(image: Image.Image) -> Image.Image:
 
 REGION_TINT = (20, 40, 150)  # outside the subject region, on the contact sheet
 FLAG_COLOR = (235, 64, 52)
+LEGEND_COLOR = (200, 200, 200)
 
 
 def make_contact_sheet(tiles: Sequence[tuple[Image.Image, str, bool, Image.Image | None]],
                        thumb: int = SHEET_THUMB) -> Image.Image:
-    """All crops in a grid, each with its file name under it; flagged ones (no face, upscaled) get a
-    red frame and a '!' before the name; outside its subject region (gray, 255 inside) a crop is tinted
-    blue. A legend under the grid says what the marks mean."""
-    pad, label_height = 8, 16
+    """All crops in a grid, each with its file name under it (on two lines when it is long); flagged ones
+    (no face, upscaled) get a red frame and a '!' before the name; outside its subject region (gray, 255
+    inside) a crop is tinted blue. A legend under the grid says what the marks mean."""
+    label_font = font(11)
+    line_h = font_size(label_font) + 3
+    pad, label_height = 8, 2 * line_h + 3
     cols = max(1, min(8, math.ceil(math.sqrt(len(tiles)))))
     rows = max(1, math.ceil(len(tiles) / cols))
     cell_w, cell_h = thumb + pad, thumb + label_height + pad
     width = cols * cell_w + pad
-    label_font = font(11)
-    legend = _wrap(_legend(tiles), label_font, width - 2 * pad)
-    sheet = Image.new("RGB", (width, rows * cell_h + pad + 14 * len(legend)), (32, 32, 32))
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    legend = [line for text in _legend(tiles) for line in wrap_text(measure, text, label_font, width - 2 * pad)]
+    sheet = Image.new("RGB", (width, rows * cell_h + pad + line_h * len(legend)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
     for i, (image, label, flagged, region) in enumerate(tiles):
         x, y = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
@@ -118,10 +121,12 @@ def make_contact_sheet(tiles: Sequence[tuple[Image.Image, str, bool, Image.Image
         sheet.paste(image, (x, y))
         if flagged:
             draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=FLAG_COLOR, width=3)
-        text = fit_text(draw, ("! " if flagged else "") + label, label_font, thumb, cut="middle")
-        draw.text((x, y + thumb + 3), text, fill=FLAG_COLOR if flagged else (230, 230, 230), font=label_font)
+        name = wrap_text(draw, ("! " if flagged else "") + label, label_font, thumb, max_lines=2)
+        for n, line in enumerate(name):
+            draw.text((x, y + thumb + 3 + n * line_h), line, fill=FLAG_COLOR if flagged else (230, 230, 230),
+                      font=label_font)
     for n, line in enumerate(legend):
-        draw.text((pad, rows * cell_h + 2 + 14 * n), line, fill=(200, 200, 200), font=label_font)
+        draw.text((pad, rows * cell_h + 2 + line_h * n), line, fill=LEGEND_COLOR, font=label_font)
     return sheet
 
 
@@ -132,22 +137,7 @@ def _legend(tiles) -> list[str]:
     if any(t[3] is None for t in tiles):
         lines.append("no tint: no face or mask, so no region (weighted 1 everywhere)")
     if any(t[2] for t in tiles):
-        lines.append("red frame, !: no face found (center crop) or upscaled")
+        lines.append("red frame and ! before the name: no face found (center crop instead), or upscaled "
+                     "(the photo is smaller than the crop size: expect a blurry crop)")
     return lines
 
-
-def _wrap(lines: list[str], text_font, width: float) -> list[str]:
-    """Break each line at spaces to fit `width` px."""
-    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
-    out = []
-    for line in lines:
-        current = ""
-        for word in line.split():
-            candidate = f"{current} {word}".strip()
-            if current and draw.textlength(candidate, font=text_font) > width:
-                out.append(current)
-                current = word
-            else:
-                current = candidate
-        out.append(current)
-    return out

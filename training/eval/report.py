@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..drawing import font, font_size
+from ..drawing import MIN_TILE, enlarge, fit_text, font, font_size
 from ..safe_io import atomic_path, atomic_save_image, atomic_write_text
 from .scorers import FACE_MATCH_THRESHOLD
 
@@ -66,11 +66,15 @@ def _aggregate(rows: Sequence[ImageScores]) -> dict[str, Any]:
     }
 
 
-def _rank_key(rank: int | None) -> int:
-    return -1 if rank is None else rank
+def group_key(method: str, rank: int | None) -> tuple:
+    """The one order of models in every table, grid, chart and report: the untrained base first (the control),
+    then methods by name, a higher rank first, and at equal rank a method before its variants
+    ("lora r4" before "lora-resized r4", so the trained and the resized LoRA of one rank sit side by side)."""
+    return (method != "base", method.split("-")[0], rank is not None, -(rank or 0), method)
 
 
-def _group_name(method: str, rank: int | None) -> str:
+def group_name(method: str, rank: int | None) -> str:
+    """A model's label: "dreambooth", "lora r16", "lora-resized r4"."""
     return method if rank is None else f"{method} r{rank}"
 
 
@@ -89,7 +93,7 @@ class EvalReport:
 
     def _groups(self) -> list[tuple[str, int | None]]:
         keys = {(r.method, r.rank) for r in self.images}
-        return sorted(keys, key=lambda k: (k[0], _rank_key(k[1])))
+        return sorted(keys, key=lambda k: group_key(*k))
 
     def aggregates(self, by_scene: bool = True) -> list[dict[str, Any]]:
         """Mean scores per (method, rank, scene), or per (method, rank) when by_scene is False."""
@@ -131,7 +135,8 @@ class EvalReport:
         return "\n".join(parts) + "\n"
 
     def grid(self, tile: int = 224) -> Image.Image:
-        """The generated images, one row per method/rank, each tile annotated with its scores."""
+        """The generated images, one row per method/rank, each tile annotated with its scores; a cell is the
+        picture (at most `tile` px, small ones enlarged to MIN_TILE) over its caption."""
         return _draw_grid(self, tile)
 
     def chart(self, path: Path) -> None:
@@ -186,7 +191,7 @@ def _format_table(rows: list[dict[str, Any]], by_scene: bool, unavailable: dict[
 
 
 def _tile_lines(r: ImageScores) -> list[str]:
-    head = " ".join(p for p in (_group_name(r.method, r.rank), r.scene) if p)
+    head = " ".join(p for p in (group_name(r.method, r.rank), r.scene) if p)
     if r.face_found is None:
         face = "face: n/a"
     elif not r.face_found:
@@ -201,31 +206,32 @@ def _tile_lines(r: ImageScores) -> list[str]:
 
 
 def _draw_grid(report: EvalReport, tile: int) -> Image.Image:
-    text_font = font(max(10, tile // 16))
+    thumbs = [enlarge(t, MIN_TILE) for t in report.thumbnails]
+    side = min(tile, max((max(t.size) for t in thumbs), default=tile))  # cells fit the pictures, not a fixed box
+    text_font = font(max(10, side // 16))
     line_h = font_size(text_font) + 3
-    caption_h = 4 * line_h + 6
-    rows: list[list[int]] = []
-    for group in report._groups():
-        members = [i for i, r in enumerate(report.images) if (r.method, r.rank) == group]
-        order = {s: n for n, s in enumerate(report._scenes())}
-        rows.append(sorted(members, key=lambda i: order[report.images[i].scene]))
+    caption_h = max((len(_tile_lines(r)) for r in report.images), default=1) * line_h + 6  # the lines there are
+    order = {s: n for n, s in enumerate(report._scenes())}
+    rows = [sorted((i for i, r in enumerate(report.images) if (r.method, r.rank) == group),
+                   key=lambda i: order[report.images[i].scene]) for group in report._groups()]
     cols = max((len(r) for r in rows), default=1)
-    grid = Image.new("RGB", (cols * tile, max(1, len(rows)) * (tile + caption_h)), "white")
+    grid = Image.new("RGB", (cols * side, max(1, len(rows)) * (side + caption_h)), "white")
     draw = ImageDraw.Draw(grid)
     for y, members in enumerate(rows):
         for x, i in enumerate(members):
-            left, top = x * tile, y * (tile + caption_h)
-            thumb = report.thumbnails[i].copy()
-            thumb.thumbnail((tile, tile))
-            grid.paste(thumb, (left + (tile - thumb.width) // 2, top + (tile - thumb.height) // 2))
+            left, top = x * side, y * (side + caption_h)
+            thumb = thumbs[i].copy()
+            thumb.thumbnail((side, side))
+            grid.paste(thumb, (left + (side - thumb.width) // 2, top + (side - thumb.height) // 2))
             scores = report.images[i]
             # the face line: green = the subject, red = no face or someone else, black = not measured
             face_color = "black" if scores.identity_match is None else (
                 (0, 120, 0) if scores.identity_match else (190, 0, 0))
             for n, text in enumerate(_tile_lines(scores)):
                 color = face_color if text.startswith("face:") else "black"
-                draw.text((left + 4, top + tile + 3 + n * line_h), text, fill=color, font=text_font)
-            draw.rectangle((left, top, left + tile - 1, top + tile + caption_h - 1), outline=(200, 200, 200))
+                draw.text((left + 4, top + side + 3 + n * line_h), fit_text(draw, text, text_font, side - 6),
+                          fill=color, font=text_font)
+            draw.rectangle((left, top, left + side - 1, top + side + caption_h - 1), outline=(200, 200, 200))
     return grid
 
 
@@ -254,7 +260,7 @@ def _draw_chart(report: EvalReport, path: Path) -> None:
             xs = np.arange(len(groups)) - 0.4 + width * (s + 0.5)
             ax.bar(xs, values, width, label=scene or "all")
         ax.set_xticks(np.arange(len(groups)))
-        ax.set_xticklabels([_group_name(*g) for g in groups])
+        ax.set_xticklabels([group_name(*g) for g in groups])
         ax.set_xlim(-0.5, len(groups) - 0.5)  # NaN bars (no data) must not shift the axis
         ax.set_title(METRIC_TITLES[metric], fontsize=10)
         if metric in ("presence", "identity_match"):
