@@ -110,6 +110,10 @@ class TrainSubject:
                                               "step": 0.1, "tooltip": _help("identity_weight")}),
                 "keep": (list(KEEP), {"default": TrainConfig.keep, "tooltip": _help("keep") + " Needs "
                          "validation_every above 0."}),
+                "dora": ("BOOLEAN", {"default": TrainConfig.dora, "tooltip": _help("dora")}),
+                "rslora": ("BOOLEAN", {"default": TrainConfig.rslora, "tooltip": _help("rslora")}),
+                "loraplus_ratio": ("FLOAT", {"default": TrainConfig.loraplus_ratio, "min": 0.0, "max": 64.0,
+                                             "step": 1.0, "tooltip": _help("loraplus_ratio")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -138,7 +142,8 @@ class TrainSubject:
               batch_size, train_text_encoder, prior_loss_weight, seed, precision, gradient_checkpointing, output_name,
               validation_every, overwrite, class_images=None, pivotal_tokens=TrainConfig.pivotal_tokens,
               save_every=TrainConfig.save_every, background_weight=TrainConfig.background_weight,
-              identity_weight=TrainConfig.identity_weight, keep=TrainConfig.keep, unique_id=None):
+              identity_weight=TrainConfig.identity_weight, keep=TrainConfig.keep, dora=TrainConfig.dora,
+              rslora=TrainConfig.rslora, loraplus_ratio=TrainConfig.loraplus_ratio, unique_id=None):
         import torch
 
         from ..training.train import train
@@ -160,7 +165,8 @@ class TrainSubject:
             mixed_precision=precision, seed=seed, validation_every=validation_every, save_every=save_every,
             run_dir=str(output_folder("runs", stem)), overwrite=overwrite, pivotal_tokens=pivotal_tokens,
             embedding_dir=str(first_model_folder("embeddings")) if pivotal_tokens else None,
-            background_weight=background_weight, identity_weight=identity_weight, keep=keep)
+            background_weight=background_weight, identity_weight=identity_weight, keep=keep, dora=dora,
+            rslora=rslora, loraplus_ratio=loraplus_ratio)
         watch = TrainingWatch(unique_id)
         started = time.perf_counter()
         with user_errors():

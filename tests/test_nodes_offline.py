@@ -156,6 +156,29 @@ def test_trigger_and_rank_descriptions():
     assert lora.describe_ranks([4, 4]) == "4" and lora.describe_ranks([2, 8]).startswith("2-8")
 
 
+@pytest.mark.parametrize("text, marked", [
+    ("a photo of sks man", "a photo of  embedding:subject_lora.sks  man"),
+    ("Sks, in a forest", " embedding:subject_lora.sks , in a forest"),
+    ("(sks:1.2)", "( embedding:subject_lora.sks :1.2)"),
+    ("skss man, embedding:sks, sks_2", "skss man, embedding:sks, sks_2"),  # whole words only; the host's syntax stays
+])
+def test_trigger_words_become_the_hosts_embedding_words(text, marked):
+    assert lora.mark_triggers(text, {"sks": "subject_lora.sks"}) == marked
+
+
+def test_only_the_bundled_embedding_line_of_the_core_loader_is_rewritten():
+    import logging
+
+    note = lora.BundledEmbeddingNote()
+    def record(key):  # comfy/lora.py formats the message itself: no args
+        return logging.LogRecord("root", logging.WARNING, "lora.py", 1, f"lora key not loaded: {key}", None, None)
+
+    bundled, other = record("bundle_emb.sks.string_to_param.*"), record("lora_unet_x.lora_down.weight")
+    assert note.filter(bundled) and note.filter(other)
+    assert bundled.getMessage().startswith("This LoRA bundles a learned embedding for 'sks'; Load Subject LoRA")
+    assert other.getMessage() == "lora key not loaded: lora_unet_x.lora_down.weight"
+
+
 def test_auto_precision_is_full_precision_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -1,0 +1,270 @@
+"""`python -m training ARGS` for tests, without paying the imports each time.
+
+`run(argv, cwd=..., env=..., timeout=..., drop_dac=...)` has the contract of
+`subprocess.run([sys.executable, "-m", "training", *argv], capture_output=True, text=True, timeout=...)`:
+it returns a CompletedProcess (returncode, stdout, stderr) and raises subprocess.TimeoutExpired.
+
+One server process per test process is started on first use (`sys.executable`, PYTHONPATH=<repo root>).
+It imports training.cli and the heavy libraries but runs no torch op, so no OpenMP thread pool exists
+when it forks. For each request it forks a child that takes the request's environment, working folder,
+argv and fds 1/2 (temp files), optionally drops CAP_DAC_OVERRIDE/READ_SEARCH, and runs the `training`
+package as `__main__` exactly as `python -m training` does. A fresh interpreter is used instead when
+fork is unavailable (not Linux) or when the request changes an environment variable that a library
+reads only at import time (HF_*, TORCH*, OMP_*, locale, ...).
+
+Only calls that wait for a command to finish belong here: signal tests, the install test and tests that
+check what a fresh interpreter imports keep real subprocesses.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# read by a library at import time: a request that changes one of these gets a fresh interpreter
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_",
+                   "KMP_", "CUDA_", "ACCELERATE_", "TQDM_", "PYTHON", "LANG", "LC_", "XDG_CACHE_HOME")
+PRELOAD = ("torch", "numpy", "PIL.Image", "safetensors.torch", "accelerate", "peft", "peft.utils", "transformers",
+           "diffusers", "diffusers.optimization", "diffusers.loaders.single_file_utils")
+PRELOAD_NAMES = {
+    "diffusers": ("UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
+                  "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "StableDiffusionPipeline"),
+    "transformers": ("CLIPTextModel", "CLIPTextConfig", "CLIPTokenizer", "CLIPModel", "CLIPVisionConfig",
+                     "CLIPVisionModelWithProjection"),
+    "peft": ("LoraConfig", "inject_adapter_in_model"),
+    "accelerate": ("Accelerator",),
+}
+
+
+def without_dac_override() -> None:
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so `chmod 000` means unreadable to root too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, dropped from the bounding set
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+# ---------------------------------------------------------------- the test side
+
+
+def run(argv: list, cwd: Path | str = ROOT, env: dict | None = None, timeout: float | None = None,
+        drop_dac: bool = False) -> subprocess.CompletedProcess:
+    """`python -m training *argv` as subprocess.run(..., capture_output=True, text=True) would run it."""
+    argv = [str(a) for a in argv]
+    env = dict(os.environ if env is None else env)
+    command = [sys.executable, "-m", "training", *argv]
+    drop = drop_dac and hasattr(os, "geteuid") and os.geteuid() == 0
+    if not _SERVER.usable(env):
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=without_dac_override if drop else None)
+    answer = _SERVER.ask({"argv": argv, "cwd": str(cwd), "env": env, "drop_dac": drop, "timeout": timeout})
+    stdout, stderr = (_text(base64.b64decode(answer[name])) for name in ("stdout", "stderr"))
+    if answer.get("preexec_error"):
+        raise subprocess.SubprocessError(f"Exception occurred in preexec_fn: {answer['preexec_error']}")
+    if answer.get("timed_out"):
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
+
+
+def _text(data: bytes) -> str:
+    """What text=True makes of a pipe's bytes: locale encoding, universal newlines (\\r too)."""
+    import locale
+
+    return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
+
+
+class _Server:
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.start_env: dict | None = None
+        self.lock = threading.Lock()
+
+    def usable(self, env: dict) -> bool:
+        if not (sys.platform.startswith("linux") and hasattr(os, "fork")) or os.environ.get("CLI_RUNNER") == "off":
+            return False
+        base = self.start_env if self.start_env is not None else self._server_env()
+        changed = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} - {"PYTHONPATH"}
+        return not any(k.startswith(IMPORT_TIME_ENV) for k in changed)
+
+    @staticmethod
+    def _server_env() -> dict:
+        return dict(os.environ) | {"PYTHONPATH": str(ROOT)}
+
+    def _start(self) -> None:
+        self.start_env = self._server_env()
+        code = ("import importlib.util as u; s = u.spec_from_file_location('cli_runner', %r); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m); m.serve()" % str(Path(__file__).resolve()))
+        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=self.start_env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def ask(self, request: dict) -> dict:
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self._start()
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the CLI runner's server exited ({self.process.wait()})")
+            return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+_SERVER = _Server()
+atexit.register(_SERVER.stop)
+
+
+# ---------------------------------------------------------------- the server side
+
+
+def serve() -> None:
+    """Read one JSON request a line from stdin, answer one JSON line on stdout, until stdin closes."""
+    requests, answers = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # the child reads nothing of the protocol
+    os.dup2(2, 1)
+    _preload()
+    for line in requests:
+        answers.write(json.dumps(_serve_one(json.loads(line), (requests.fileno(), answers.fileno()))).encode() + b"\n")
+        answers.flush()
+
+
+def _preload() -> None:
+    import importlib
+    import pkgutil
+
+    import training
+    import training.cli  # noqa: F401
+
+    for name in PRELOAD:
+        try:
+            module = importlib.import_module(name)
+            for attr in PRELOAD_NAMES.get(name, ()):
+                getattr(module, attr)
+        except Exception:  # noqa: BLE001 - preloading is only a head start; the child imports what it needs
+            pass
+    for info in pkgutil.walk_packages(training.__path__, "training."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _serve_one(request: dict, protocol_fds: tuple[int, int]) -> dict:
+    import select
+    import signal
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="cli_runner_") as folder:
+        out_path, err_path, preexec_path = (os.path.join(folder, n) for n in ("stdout", "stderr", "preexec"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request, out_path, err_path, preexec_path, protocol_fds)  # never returns
+        deadline = None if request["timeout"] is None else time.monotonic() + request["timeout"]
+        timed_out = False
+        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                timed_out = True
+                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                    try:
+                        kill()
+                    except OSError:
+                        pass
+                _, status = os.waitpid(pid, 0)
+                break
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(0.01 if left is None else min(0.01, left))
+        if pidfd is not None:
+            os.close(pidfd)
+        answer = {"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}
+        for name, path in (("stdout", out_path), ("stderr", err_path)):
+            answer[name] = base64.b64encode(Path(path).read_bytes()).decode()
+        if os.path.exists(preexec_path):
+            answer["preexec_error"] = Path(preexec_path).read_text()
+        return answer
+
+
+def _child(request: dict, out_path: str, err_path: str, preexec_path: str, protocol_fds: tuple[int, int]) -> None:
+    code = 1
+    try:
+        os.setpgid(0, 0)  # a timeout kills the command and whatever it started
+        for fd in protocol_fds:
+            os.close(fd)
+        for fd, path in ((1, out_path), (2, err_path)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(target, fd)
+            os.close(target)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        import tempfile
+
+        tempfile.tempdir = None  # TMPDIR of the request, not the server's
+        os.chdir(request["cwd"])
+        if request["drop_dac"]:
+            try:
+                without_dac_override()
+            except Exception as exc:  # noqa: BLE001 - reported as subprocess reports a failed preexec_fn
+                Path(preexec_path).write_text(str(exc))
+                os._exit(255)
+        code = _run_as_main(request["argv"])
+    finally:
+        os._exit(code)
+
+
+def _run_as_main(argv: list[str]) -> int:
+    """`python -m training *argv` in this process: the exit code the interpreter would give."""
+    import runpy
+    import traceback
+
+    sys.path[0] = os.getcwd()  # `python -m` puts the working folder first
+    sys.argv = ["-m", *argv]
+    try:
+        runpy.run_module("training", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:
+        if done.code is None:
+            code = 0
+        elif isinstance(done.code, int):
+            code = done.code
+        else:
+            print(done.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - as the interpreter does: traceback on stderr, exit 1
+        traceback.print_exc()
+        code = 1
+    try:
+        if hasattr(threading, "_shutdown"):
+            threading._shutdown()  # wait for non-daemon threads, as interpreter exit does
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    return code
