@@ -35,7 +35,7 @@ PRELOAD = ("torch", "numpy", "PIL.Image", "safetensors.torch", "accelerate", "pe
            "diffusers", "diffusers.optimization", "diffusers.loaders.single_file_utils")
 PRELOAD_NAMES = {
     "diffusers": ("UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler", "DDIMScheduler",
-                  "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "StableDiffusionPipeline"),
+                  "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"),
     "transformers": ("CLIPTextModel", "CLIPTextConfig", "CLIPTokenizer", "CLIPModel", "CLIPVisionConfig",
                      "CLIPVisionModelWithProjection"),
     "peft": ("LoraConfig", "inject_adapter_in_model"),
@@ -155,9 +155,11 @@ def _preload() -> None:
             module = importlib.import_module(name)
             for attr in PRELOAD_NAMES.get(name, ()):
                 getattr(module, attr)
-        except Exception:  # noqa: BLE001 - preloading is only a head start; the child imports what it needs
+        except BaseException:  # noqa: BLE001 - preloading is only a head start; the child imports what it needs
             pass
     for info in pkgutil.walk_packages(training.__path__, "training."):
+        if info.name == "training.__main__":
+            continue  # importing it runs the CLI
         try:
             importlib.import_module(info.name)
         except Exception:  # noqa: BLE001
@@ -166,11 +168,14 @@ def _preload() -> None:
 
 def _serve_one(request: dict, protocol_fds: tuple[int, int]) -> dict:
     import select
+    import shutil
     import signal
     import tempfile
     import time
 
-    with tempfile.TemporaryDirectory(prefix="cli_runner_") as folder:
+    # not TemporaryDirectory: its atexit finalizer would run in the child and delete the outputs
+    folder = tempfile.mkdtemp(prefix="cli_runner_")
+    try:
         out_path, err_path, preexec_path = (os.path.join(folder, n) for n in ("stdout", "stderr", "preexec"))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -202,10 +207,12 @@ def _serve_one(request: dict, protocol_fds: tuple[int, int]) -> dict:
             os.close(pidfd)
         answer = {"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}
         for name, path in (("stdout", out_path), ("stderr", err_path)):
-            answer[name] = base64.b64encode(Path(path).read_bytes()).decode()
+            answer[name] = base64.b64encode(Path(path).read_bytes() if os.path.exists(path) else b"").decode()
         if os.path.exists(preexec_path):
             answer["preexec_error"] = Path(preexec_path).read_text()
         return answer
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _child(request: dict, out_path: str, err_path: str, preexec_path: str, protocol_fds: tuple[int, int]) -> None:
@@ -231,6 +238,11 @@ def _child(request: dict, out_path: str, err_path: str, preexec_path: str, proto
                 Path(preexec_path).write_text(str(exc))
                 os._exit(255)
         code = _run_as_main(request["argv"])
+    except BaseException:  # noqa: BLE001 - the runner itself failed: say so on whatever stderr is now
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         os._exit(code)
 

@@ -18,7 +18,6 @@ tests/comfyui/test_bad_input_nodes.py.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import json
@@ -28,7 +27,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import cli_runner
 from fixture_paths import ROOT, SUBJECT_PHOTOS
 
 UNET = "model.diffusion_model."
@@ -54,25 +53,16 @@ PHOTO = SUBJECT_PHOTOS / "input__foreground__01.jpg"
 
 
 def cli(argv: list, cwd: Path = ROOT, drop_dac: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m training *argv`; with drop_dac, a root caller loses its power to read any file,
-    so `chmod 000` means unreadable as it does for a user."""
+    """`python -m training *argv` (tests/cli_runner.py: a fork of a preloaded interpreter); with drop_dac,
+    a root caller loses its power to read any file, so `chmod 000` means unreadable as it does for a user."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     try:
-        return subprocess.run([sys.executable, "-m", "training", *map(str, argv)], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=_without_dac_override if drop_dac and os.geteuid() == 0 else None)
+        return cli_runner.run(argv, cwd=cwd, env=env, timeout=timeout, drop_dac=drop_dac)
     except subprocess.SubprocessError as exc:
         if isinstance(exc, subprocess.TimeoutExpired):
             raise
-        # the preexec_fn failed: no way to make a file unreadable to root here
+        # dropping the capability failed: no way to make a file unreadable to root here
         pytest.skip(f"cannot drop CAP_DAC_OVERRIDE ({exc}), so root reads every file")
-
-
-def _without_dac_override() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, dropped from the bounding set before exec
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def stderr_lines(stderr: str) -> list[str]:

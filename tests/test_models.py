@@ -1,11 +1,9 @@
 """Offline loading and saving of SD1.5-family models: round trips and refusals."""
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli_runner
 from training.errors import UserError
 from training.models import (build_tiny, inspect_checkpoint, load_model, save_single_file,
                              to_ldm_state_dict)
@@ -156,9 +154,9 @@ def test_refuses_folder_with_only_pickle_weights(tiny, tmp_path):
 
 
 def test_cli_info(tiny_file):
-    run = subprocess.run([sys.executable, "-m", "training", "info", str(tiny_file)], capture_output=True, text=True, cwd=ROOT)
+    run = cli_runner.run(["info", tiny_file], cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "tiny" in run.stdout and "sha256" in run.stdout and "unet" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "training", "info", "missing.ckpt"], capture_output=True, text=True, cwd=ROOT)
+    bad = cli_runner.run(["info", "missing.ckpt"], cwd=ROOT)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "missing.ckpt" in bad.stderr and "Traceback" not in bad.stderr

@@ -97,9 +97,9 @@ class TrainConfig:
     lr_scheduler: str = field(default="constant", metadata=_help("how the learning rate changes over the steps"))
     lr_warmup_steps: int = field(default=0, metadata=_help("steps of linear warm-up from 0 to lr"))
     optimizer: str = field(default="adamw", metadata=_help(
-        "adamw: the usual; adamw8bit: less memory (bitsandbytes, GPU; a DreamBooth run on a GPU with bitsandbytes "
-        "installed switches to it by itself when it does not fit even with gradient checkpointing); prodigy: sets its own step size "
-        "(use lr 1; prodigyopt)"))
+        "adamw: the usual; adamw8bit: less memory (bitsandbytes, GPU; a DreamBooth run on a GPU with "
+        "bitsandbytes installed switches to it by itself when it does not fit even with gradient checkpointing); "
+        "prodigy: sets its own step size (use lr 1; prodigyopt)"))
     train_text_encoder: bool = field(default=False, metadata=_help(
         "also train the text encoder (LoRA on its attention; better identity, more memory, easier to overfit)"))
     rank: int = field(default=16, metadata=_help("LoRA rank: the capacity of the update (4 to 128 is usual)"))
