@@ -49,3 +49,30 @@ def sd15_file(tmp_path_factory):
 
     model = build_random("sd15", seed=1, dtype=torch.float16)
     return save_single_file(model, tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors")
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n 2`: each worker (and each CLI it starts) uses one thread, so two workers share two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_report_header(config):
+    """Under xdist the workers collect, so their `tests/comfyui skipped: ...` line never reaches the
+    terminal: the controller says it here instead."""
+    comfyui = ROOT / "tests" / "comfyui"
+    chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    if not any(p == comfyui or p in comfyui.parents or comfyui in p.parents for p in chosen):
+        return None
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("comfyui_conftest", ROOT / "tests" / "comfyui" / "conftest.py")
+        host = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(host)
+        reason = host.missing_host_reason()
+        if reason is not None:
+            return f"tests/comfyui skipped: {reason}"
+    return None

@@ -50,6 +50,8 @@ def missing_host_reason() -> str | None:
 def pytest_collection_modifyitems(config, items):
     reason = missing_host_reason()
     ours = [item for item in items if HERE in Path(item.path).parents]
+    for item in ours:  # `-n 2 --dist loadgroup`: one worker runs them all, against one ComfyUI server
+        item.add_marker(pytest.mark.xdist_group("comfyui"))
     if reason is None or not ours:
         return
     line = f"tests/comfyui skipped: {reason}"

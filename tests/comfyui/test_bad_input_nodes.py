@@ -279,7 +279,7 @@ CASES = [
          ("adapter.pt", "convert"), never_created=("PWNED_pt",)),
     Case("lora/rank-above-trained", LORA,
          lambda s: lora_prompt(write_lora(models(s, "loras") / "r4.safetensors", rank=4).name, rank=8),
-         ("rank 8", "4")),
+         ("rank: 8", "4")),
     Case("lora/none-chosen", LORA, lambda s: lora_prompt("(none)"), ("models/loras", "pick")),
     Case("lora/file-not-in-folder", LORA, lambda s: lora_prompt("(none)", lora_file="gone.safetensors"),
          ("gone.safetensors", "models/loras")),
