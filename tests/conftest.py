@@ -59,13 +59,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_report_header(config):
+def pytest_sessionstart(session):
     """Under xdist the workers collect, so their `tests/comfyui skipped: ...` line never reaches the
     terminal: the controller says it here instead."""
+    config = session.config
     comfyui = ROOT / "tests" / "comfyui"
     chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
     if not any(p == comfyui or p in comfyui.parents or comfyui in p.parents for p in chosen):
-        return None
+        return
     if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
         import importlib.util
 
@@ -73,6 +74,6 @@ def pytest_report_header(config):
         host = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(host)
         reason = host.missing_host_reason()
-        if reason is not None:
-            return f"tests/comfyui skipped: {reason}"
-    return None
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reason is not None and reporter:
+            reporter.write_line(f"tests/comfyui skipped: {reason}")
