@@ -51,6 +51,28 @@ def without_dac_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+def _drop_dac_from_this_process() -> None:
+    """without_dac_override, and since no exec follows a fork, the same two bits out of this process's
+    effective, permitted and inheritable sets (capset)."""
+    without_dac_override()
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    for field in ("effective", "permitted", "inheritable"):
+        setattr(data[0], field, getattr(data[0], field) & keep)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 # ---------------------------------------------------------------- the test side
 
 
@@ -233,7 +255,7 @@ def _child(request: dict, out_path: str, err_path: str, preexec_path: str, proto
         os.chdir(request["cwd"])
         if request["drop_dac"]:
             try:
-                without_dac_override()
+                _drop_dac_from_this_process()
             except Exception as exc:  # noqa: BLE001 - reported as subprocess reports a failed preexec_fn
                 Path(preexec_path).write_text(str(exc))
                 os._exit(255)

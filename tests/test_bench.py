@@ -73,3 +73,22 @@ def test_smoke_prints_every_row_with_the_gpu_columns():
             assert r["samples/s vs ref"].endswith("x") and float(r["samples/s vs ref"][:-1]) > 0, r
         else:
             assert r["samples/s vs ref"] == "-", r
+
+
+def test_options_smoke_prints_every_option_against_plain_and_the_validation_cost():
+    """bench/bench_options.py (issue 14) cannot rot: every option trains and gets a ratio to the plain run."""
+    from bench.bench_options import CONFIGS, VALIDATION
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_options.py"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    for name in [c[0] for c in CONFIGS] + [VALIDATION]:
+        row = next((x for x in lines if x.startswith(name + " ")), None)
+        assert row is not None, run.stdout
+        ms, ratio = row[len(name):].split()[:2]
+        assert float(ms) > 0 and ratio.endswith("x") and float(ratio[:-1]) > 0, row
+    assert next(x for x in lines if x.startswith("plain ")).split()[2] == "1.00x"
+    per_render = next(x for x in lines if x.startswith("per scored render"))
+    assert float(per_render.split()[3]) > 0 and "scoring" in per_render, run.stdout

@@ -1,0 +1,164 @@
+"""Per-step cost of the identity options (issue 14) against a plain LoRA run, measured in the same invocation.
+
+Each config trains the same tiny LoRA (rank 4, 64 px, the bundled photos prepared once) in a fresh child
+process on one thread; the configs alternate, `--repeats` times, and each one's median step time is shown
+with its ratio to the plain run's. The first step and the next `--warmup` steps carry one-off costs and are
+not timed. Goals (issue 14): --dora at most 1.5x; --rslora, --loraplus-ratio 16, --background-weight 0.3 1.0x.
+
+The validation row is a plain run with --validation-every: each validated step renders the validation prompts
+(three scenes and the probe, 20 sampling steps) and scores them with the identity tracker (dlib's face metric
+against the prepared crops, prepared at 256 px because dlib finds no face in 64 px ones; no CLIP-T, which
+needs CLIP weights). On tiny's random weights the renders hold no face, so the face scorer's time is its
+detection. The cost per scored render is that step's time less the run's median plain step, divided by the
+renders; the scorer's share is the tracker's own timing of `score` (StepScores.seconds, read by wrapping the
+real method). The first validation also loads the scorers, so it is shown apart.
+
+    python bench/bench_options.py            # 40 steps per run, median of 3
+    python bench/bench_options.py --smoke    # a few steps, one run each: checks that every row runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_pivotal import step_times  # noqa: E402
+from bench.bench_train import THREADS, peak_rss_mb  # noqa: E402  (also sets HF_HUB_OFFLINE)
+
+# name, TrainConfig fields on top of the plain run, goal ratio (None: no goal)
+CONFIGS = [
+    ("plain", {}, None),
+    ("dora", {"dora": True}, 1.5),
+    ("rslora", {"rslora": True}, 1.0),
+    ("loraplus-ratio 16", {"loraplus_ratio": 16.0}, 1.0),
+    ("background-weight 0.3", {"background_weight": 0.3}, 1.0),
+]
+VALIDATION = "validation"
+
+
+def one_run(dataset: str, out: str, steps: int, options: dict) -> dict:
+    """Train one tiny LoRA; each step's seconds (from step 2 on) and the tracker's scoring times."""
+    from training.identity import IdentityTracker
+    from training.train_config import TrainConfig
+
+    scored: list[dict] = []
+    real_score = IdentityTracker.score
+
+    def score(self, step, images):  # the real scoring, its own timings recorded
+        result = real_score(self, step, images)
+        scored.append({"step": step, "renders": len(images), "seconds": result.seconds,
+                       "face_seconds": result.face_seconds, "identity": result.identity})
+        return result
+
+    IdentityTracker.score = score
+    cfg = TrainConfig(base="tiny", instance_dir=dataset, output=out, steps=steps, rank=4, resolution=64,
+                      save_every=0, overwrite=True, resume=False, **options)
+    started = time.perf_counter()
+    seconds = step_times(cfg, None)
+    return {"step_s": seconds, "scored": scored, "run_s": time.perf_counter() - started,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def measure(dataset: Path, out: Path, steps: int, options: dict) -> dict:
+    """One run in a fresh process (its own allocator, caches and peak memory)."""
+    code = (f"import json, sys, torch; torch.set_num_threads({THREADS}); sys.path.insert(0, {str(ROOT)!r});"
+            f"import bench.bench_options as b;"
+            f"r = b.one_run({str(dataset)!r}, {str(out)!r}, {steps}, json.loads({json.dumps(options)!r}));"
+            f"print(json.dumps(r))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if run.returncode:
+        raise SystemExit(run.stderr[-3000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def timed_steps(run: dict, warmup: int, validated: set[int]) -> list[float]:
+    """Seconds of the steps after the warm-up that did no validation (step_s[i] is step i + 2)."""
+    return [s for i, s in enumerate(run["step_s"]) if i >= warmup and i + 2 not in validated]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="LoRA steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each config, alternating (medians shown)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps after the first that are not timed")
+    parser.add_argument("--validation-every", type=int, default=10, help="the validation row's validation_every")
+    parser.add_argument("--smoke", action="store_true", help="4 steps, one run each, validation every 2")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.repeats, args.warmup, args.validation_every = 4, 1, 0, 2
+
+    from training.data import PrepareConfig, load_dataset, prepare_dataset
+
+    configs = CONFIGS + [(VALIDATION, {"validation_every": args.validation_every}, None)]
+    validated = set(range(args.validation_every, args.steps + 1, args.validation_every))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # prepared at 256 px, trained at 64: the crops are the identity tracker's references, and dlib finds
+        # no face in 64 px crops
+        dataset = prepare_dataset(ROOT / "training" / "sample_data" / "subject", work / "dataset",
+                                  PrepareConfig(resolution=256)).folder
+        data = load_dataset(dataset)
+        regions = sum(data.subject_map(item, 8) is not None for item in data.items)
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+        for repeat in range(args.repeats):
+            for name, options, _ in configs:
+                out = work / f"{name.replace(' ', '_')}_{repeat}.safetensors"
+                runs[name].append(measure(dataset, out, args.steps, options))
+
+        def median_step(name: str) -> float:
+            skip = validated if name == VALIDATION else set()
+            return statistics.median(s for r in runs[name] for s in timed_steps(r, args.warmup, skip))
+
+        plain = median_step("plain")
+        print(f"tiny LoRA rank 4, 64 px, CPU, {THREADS} thread(s), {args.steps} steps per run (the first "
+              f"{args.warmup + 1} not timed), each config in a fresh process, alternated, median of {args.repeats}; "
+              f"{regions} of {len(data.items)} prepared photos have a subject region")
+        print(f"{'':24}{'ms/step':>9}{'vs plain':>10}{'goal':>7}")
+        for name, _, goal in configs:
+            ms = median_step(name)
+            print(f"{name:24}{ms * 1e3:9.1f}{ms / plain:9.2f}x{f'{goal:.1f}x' if goal else '-':>7}")
+        _validation_rows(runs[VALIDATION], median_step(VALIDATION), args.validation_every, validated)
+
+
+def _validation_rows(runs: list[dict], plain_step: float, every: int, validated: set[int]) -> None:
+    """Seconds per scored render: the validated steps' extra time over a plain step, split into scoring and the
+    rest (rendering, saving); the first validation (scorer loading) apart."""
+    first = min(validated)
+    later, first_s, scoring, face, renders, faces_found = [], [], [], [], None, 0
+    for run in runs:
+        times = {i + 2: s for i, s in enumerate(run["step_s"])}
+        by_step = {row["step"]: row for row in run["scored"]}
+        for step in sorted(validated):
+            if step not in times or step not in by_step:
+                continue  # step 1 is not timed
+            row = by_step[step]
+            renders = row["renders"]
+            extra = (times[step] - plain_step) / renders
+            faces_found += row["identity"] is not None
+            if step == first:
+                first_s.append(extra)
+                continue
+            later.append(extra)
+            scoring.append(row["seconds"] / renders)
+            face.append(row["face_seconds"] / renders)
+    print(f"\nvalidation every {every} steps, {renders} renders a validation (3 scenes + probe, 20 sampling steps), "
+          f"scored with the identity tracker (dlib face metric; {faces_found} of "
+          f"{sum(len(r['scored']) for r in runs)} validations found a face)")
+    if later:
+        per, score_s, face_s = statistics.median(later), statistics.median(scoring), statistics.median(face)
+        print(f"{'per scored render':24}{per:9.3f} s  (scoring {score_s:.3f} s of it, {score_s / per:.0%}; "
+              f"the face scorer {face_s:.3f} s; the rest renders and saves)")
+    if first_s:
+        print(f"{'first validation':24}{statistics.median(first_s):9.3f} s per render (it also loads the scorers)")
+
+
+if __name__ == "__main__":
+    main()
