@@ -51,6 +51,17 @@ def sd15_file(tmp_path_factory):
     return save_single_file(model, tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors")
 
 
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """The bundled subject photos prepared at 64 px (tiny's size), once per session; read-only for tests."""
+    from fixture_paths import SUBJECT_PHOTOS
+    from training.data import PrepareConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("tiny_dataset")
+    prepare_dataset(SUBJECT_PHOTOS, out, PrepareConfig(resolution=64))
+    return out
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `-n 2`: each worker (and each CLI it starts) uses one thread, so two workers share two cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")

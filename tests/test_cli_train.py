@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixture_paths import ROOT, SUBJECT_PHOTOS
+from fixture_paths import ROOT
 from training.checkpoint import list_checkpoints
 
 STEPS = 6
@@ -22,12 +22,8 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from training.data import PrepareConfig, prepare_dataset
-
-    out = tmp_path_factory.mktemp("cli_dataset")
-    prepare_dataset(SUBJECT_PHOTOS, out, PrepareConfig(resolution=64))
-    return out
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset
 
 
 def train_argv(dataset: Path, out: Path, *extra) -> list[str]:

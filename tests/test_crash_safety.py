@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fixture_paths import ROOT, SUBJECT_PHOTOS
+from fixture_paths import ROOT
 from training.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 
 STEPS = 12
@@ -95,12 +95,8 @@ def hooks(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from training.data import PrepareConfig, prepare_dataset
-
-    out = tmp_path_factory.mktemp("crash_dataset")
-    prepare_dataset(SUBJECT_PHOTOS, out, PrepareConfig(resolution=64))
-    return out
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset
 
 
 def train_argv(dataset: Path, out: Path, *extra) -> list[str]:

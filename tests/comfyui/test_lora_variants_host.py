@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from host_helpers import CHECKPOINT, error_message, ensure_test_inputs
+from host_helpers import CHECKPOINT, ensure_test_inputs, error_message
 from safetensors.torch import load_file
 
 from training import ldm_keys
@@ -49,7 +49,8 @@ def random_peft_states(base: dict[str, torch.Tensor], dora: bool, seed: int):
         if dora:
             adapted = base[name] + (up.reshape(out_features, RANK) @ down.reshape(RANK, -1)).reshape(shape)
             norm = adapted.reshape(out_features, -1).norm(dim=1)
-            state[f"{key}.lora_magnitude_vector"] = norm * (1 + 0.25 * (2 * torch.rand(out_features, generator=gen) - 1))
+            spread = 2 * torch.rand(out_features, generator=gen) - 1
+            state[f"{key}.lora_magnitude_vector"] = norm * (1 + 0.25 * spread)
     return states
 
 
