@@ -9,19 +9,18 @@ timestep is at most 600 of 1000 (about 60%); the table splits step time by wheth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.bench_train import THREADS, run_in_child  # noqa: E402
 
 
 def one_run(base: str, dataset: str, out: str, steps: int, resolution: int, weight: float, every: int,
@@ -47,22 +46,11 @@ def one_run(base: str, dataset: str, out: str, steps: int, resolution: int, weig
     return {"step_s": seconds, "computed": computed, "run_s": time.perf_counter() - started}
 
 
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-
-
 def measure(base: Path, dataset: Path, work: Path, steps: int, resolution: int, weight: float, every: int,
             checkpointing: bool) -> dict:
     out = work / f"w{weight}_k{every}_c{int(checkpointing)}.safetensors"
-    code = (f"import json, sys, torch; torch.set_num_threads({THREADS}); sys.path.insert(0, {str(ROOT)!r});"
-            f"import bench.bench_identity as b;"
-            f"r = b.one_run({str(base)!r}, {str(dataset)!r}, {str(out)!r}, {steps}, {resolution}, {weight}, "
-            f"{every}, {checkpointing}); r['peak_rss_mb'] = b.peak_rss_mb(); print(json.dumps(r))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    if run.returncode:
-        raise SystemExit(run.stderr[-3000:])
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_in_child("bench_identity", f"one_run({str(base)!r}, {str(dataset)!r}, {str(out)!r}, {steps}, "
+                                          f"{resolution}, {weight}, {every}, {checkpointing})")
 
 
 def main() -> None:

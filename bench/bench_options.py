@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_pivotal import step_times  # noqa: E402
-from bench.bench_train import THREADS, peak_rss_mb  # noqa: E402  (also sets HF_HUB_OFFLINE)
+from bench.bench_train import THREADS, peak_rss_mb, run_in_child  # noqa: E402  (also sets HF_HUB_OFFLINE)
 
 # name, TrainConfig fields on top of the plain run, goal ratio (None: no goal)
 CONFIGS = [
@@ -71,14 +70,8 @@ def one_run(dataset: str, out: str, steps: int, options: dict) -> dict:
 
 def measure(dataset: Path, out: Path, steps: int, options: dict) -> dict:
     """One run in a fresh process (its own allocator, caches and peak memory)."""
-    code = (f"import json, sys, torch; torch.set_num_threads({THREADS}); sys.path.insert(0, {str(ROOT)!r});"
-            f"import bench.bench_options as b;"
-            f"r = b.one_run({str(dataset)!r}, {str(out)!r}, {steps}, json.loads({json.dumps(options)!r}));"
-            f"print(json.dumps(r))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    if run.returncode:
-        raise SystemExit(run.stderr[-3000:])
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_in_child("bench_options", f"one_run({str(dataset)!r}, {str(out)!r}, {steps}, "
+                                         f"json.loads({json.dumps(options)!r}))", setup="import json;")
 
 
 def timed_steps(run: dict, warmup: int, validated: set[int]) -> list[float]:

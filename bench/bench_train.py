@@ -160,20 +160,26 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 
-def measure(kind: str, base: str, dataset: Path, class_dir: Path, resolution: int, steps: int) -> dict:
-    """Run one loop in a fresh process; return its times, the process's wall time and peak RSS."""
+def run_in_child(module: str, call: str, setup: str = "") -> dict:
+    """`bench.<module>.<call>` in a fresh process (its own allocator, caches and peak memory) on THREADS
+    threads; returns the dict it returns, with the child's peak RSS and the process's wall time."""
     code = (f"import json, sys, torch; torch.set_num_threads({THREADS}); sys.path.insert(0, {str(ROOT)!r});"
-            f"from pathlib import Path;"
-            f"import bench.bench_train as b;"
-            f"r = b.{kind}({base!r}, Path({str(dataset)!r}), Path({str(class_dir)!r}), {resolution}, {steps}"
-            + (f", Path({str(dataset.parent / 'ours.safetensors')!r}))" if kind == "our_loop" else ")")
-            + "; r['peak_rss_mb'] = b.peak_rss_mb(); print(json.dumps(r))")
+            f"from pathlib import Path; {setup}"
+            f"import bench.{module} as b; import bench.bench_train as t;"
+            f"r = b.{call}; r['peak_rss_mb'] = t.peak_rss_mb(); print(json.dumps(r))")
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     process_s = time.perf_counter() - started
     if run.returncode:
         raise SystemExit(run.stderr[-3000:])
     return json.loads(run.stdout.strip().splitlines()[-1]) | {"process_s": process_s}
+
+
+def measure(kind: str, base: str, dataset: Path, class_dir: Path, resolution: int, steps: int) -> dict:
+    """Run one loop in a fresh process; return its times, the process's wall time and peak RSS."""
+    out = f", Path({str(dataset.parent / 'ours.safetensors')!r})" if kind == "our_loop" else ""
+    return run_in_child("bench_train", f"{kind}({base!r}, Path({str(dataset)!r}), Path({str(class_dir)!r}), "
+                                       f"{resolution}, {steps}{out})")
 
 
 def setup(work: Path, base: str, resolution: int, num_class: int) -> tuple[Path, Path]:
