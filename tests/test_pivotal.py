@@ -129,26 +129,39 @@ def test_pivotal_tuning_fits_the_photos_better_than_a_plain_lora_of_equal_steps(
     assert pivotal_loss < plain_loss
 
 
-def test_generate_with_the_lora_applies_its_embedding_as_diffusers_does(dataset, tmp_path):
-    """Our `generate --lora FILE` equals diffusers' load_lora_weights + load_textual_inversion (same seed)."""
+def test_generate_with_the_lora_applies_its_embedding_as_diffusers_does(dataset, tmp_path, capsys):
+    """Our `generate --lora FILE` equals diffusers' load_lora_weights of `lora convert --drop-embedding`'s file
+    plus load_textual_inversion of the standalone embedding (same seed): the path a diffusers user takes."""
     import numpy as np
     from PIL import Image
 
+    from training.cli import main
     from training.generate import GenerateRequest, run_generate
+    from training.lora.info import lora_info
     from training.sampling import make_pipeline
 
     out = tmp_path / "gen.safetensors"
     cfg = TrainConfig(instance_dir=str(dataset), output=str(out), steps=4, rank=4, lr=3e-3, pivotal_tokens=2,
                       pivotal_lr=5e-2, save_every=0)
     train(cfg)
+    converted = tmp_path / "gen_diffusers.safetensors"
+    assert main(["lora", "convert", str(out), "--out", str(converted), "--drop-embedding"]) == 0
+    said = capsys.readouterr().out
+    assert f"dropped embedding sks: load {embedding_output(cfg).name} with load_textual_inversion" in said
+    bundled, plain_keys = load_file(str(out)), load_file(str(converted))
+    assert set(plain_keys) == {k for k in bundled if not k.startswith("bundle_emb.")} and plain_keys
+    assert all(torch.equal(plain_keys[k], bundled[k]) for k in plain_keys)
+    assert not {META_TRIGGER, META_VECTORS} & set(read_metadata(converted))
+    assert read_metadata(converted)["dreambooth.token"] == "sks"
+    assert "embedding:" not in lora_info(converted) and "embedding: sks" in lora_info(out)
+
     prompt, negative = "a photo of sks man in a forest", "blurry"
     req = dict(base="tiny", prompts=[prompt], negative=negative, seed=3, steps=4, guidance=5.0)
     ours = np.asarray(Image.open(run_generate(GenerateRequest(lora=str(out), out=tmp_path / "ours", **req))[0]))
     plain = np.asarray(Image.open(run_generate(GenerateRequest(out=tmp_path / "base", **req))[0]))
 
     pipe = make_pipeline(build_tiny())
-    # diffusers refuses keys it does not map ("bundle_emb..."): it takes the LoRA without them
-    pipe.load_lora_weights({k: v for k, v in load_file(str(out)).items() if not k.startswith("bundle_emb.")})
+    pipe.load_lora_weights(str(converted))
     pipe.load_textual_inversion(str(embedding_output(cfg)), token="sks")
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -160,3 +173,31 @@ def test_generate_with_the_lora_applies_its_embedding_as_diffusers_does(dataset,
           f"vs the base: mean {np.abs(ours.astype(int) - plain.astype(int)).mean():.3f}")
     assert difference.max() <= 3
     assert np.abs(ours.astype(int) - plain.astype(int)).mean() > 4 * max(difference.mean(), 0.1)
+
+
+def test_diffusers_refuses_the_bundled_file_and_drop_embedding_of_a_plain_file_only_converts(dataset, tmp_path,
+                                                                                             capsys):
+    """When this fails because diffusers loads a bundle_emb file, README's `--drop-embedding` line can go."""
+    from training.cli import main
+    from training.sampling import make_pipeline
+
+    out = tmp_path / "bundled.safetensors"
+    train(TrainConfig(instance_dir=str(dataset), output=str(out), steps=2, rank=4, pivotal_tokens=2, save_every=0))
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        make_pipeline(build_tiny()).load_lora_weights(str(out))
+    once, twice = tmp_path / "once.safetensors", tmp_path / "twice.safetensors"
+    assert main(["lora", "convert", str(out), "--out", str(once), "--drop-embedding"]) == 0
+    capsys.readouterr()
+    assert main(["lora", "convert", str(once), "--out", str(twice), "--drop-embedding"]) == 0
+    assert "--drop-embedding: the file carries no embedding; nothing dropped" in capsys.readouterr().out
+    assert load_file(str(twice)).keys() == load_file(str(once)).keys()
+
+
+def test_convert_help_says_why_and_where_the_embedding_goes(capsys):
+    from training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["lora", "convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--drop-embedding" in text and "load_lora_weights, which refuses bundle_emb keys" in text
+    assert "load_textual_inversion(<stem>_embedding.safetensors)" in text

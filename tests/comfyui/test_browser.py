@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from fixture_paths import load_pack
 
 try:
     from cdp import Chromium, find_browser
@@ -367,7 +368,7 @@ def chart_state(page, node_id: str) -> dict:
         const widget = node.widgets.find(w => w.name === "{WIDGET}");
         const canvas = widget.element.querySelector("canvas");
         const dpr = window.devicePixelRatio || 1;
-        const area = chart.plotArea(canvas.clientWidth, canvas.clientHeight);
+        const area = canvas.plotArea ?? chart.plotArea(canvas.clientWidth, canvas.clientHeight);  // as last drawn
         const ctx = canvas.getContext("2d");
         const pixels = ctx.getImageData(Math.round(area.x * dpr) + 2, Math.round(area.y * dpr) + 2,
                                         Math.round(area.width * dpr) - 4, Math.round(area.height * dpr) - 4).data;
@@ -375,11 +376,13 @@ def chart_state(page, node_id: str) -> dict:
         const hex = c => [1, 3, 5].map(i => parseInt(c.slice(i, i + 2), 16));
         const near = (i, rgb) => Math.abs(pixels[i] - rgb[0]) + Math.abs(pixels[i + 1] - rgb[1])
                                  + Math.abs(pixels[i + 2] - rgb[2]) < 60;
-        const counts = {{drawn: 0, average: 0, lr: 0}};
+        const counts = {{drawn: 0, average: 0, lr: 0, identity: 0, identityLoss: 0}};
         for (let i = 0; i < pixels.length; i += 4) {{
             if (!near(i, background)) counts.drawn++;
             if (near(i, hex(chart.COLORS.average))) counts.average++;
             if (near(i, hex(chart.COLORS.lr))) counts.lr++;
+            if (near(i, hex(chart.IDENTITY_COLOR))) counts.identity++;
+            if (near(i, hex(chart.IDENTITY_LOSS_COLOR))) counts.identityLoss++;
         }}
         const rect = widget.element.getBoundingClientRect();
         const title = LiteGraph.NODE_TITLE_HEIGHT, s = app.canvas.ds.scale, o = app.canvas.ds.offset;
@@ -388,6 +391,7 @@ def chart_state(page, node_id: str) -> dict:
             prompt: p.output[{node_id}], workflowNode: p.workflow.nodes.find(n => String(n.id) === "{node_id}")}}));
         return {{
             counts,
+            legend: widget.pytestDrawnTexts ?? null,
             plotPixels: pixels.length / 4,
             text: widget.element.textContent,
             images: [...widget.element.querySelectorAll("img")].map(i => ({{src: i.getAttribute("src"), width: i.naturalWidth}})),
@@ -442,3 +446,104 @@ def test_events_for_other_nodes_are_ignored(page, train_node):
     after = page.evaluate(f"app.graph.getNodeById({train_node}).dreamboothTraining.series.steps.length")
     assert after == before
     assert [e for e in page.errors if "dreambooth" in e.lower()] == []
+
+
+# ------------------------------------------------------------------ the identity line, from the node's own events
+
+VALIDATE_EVERY = 20  # validation_every of the run the identity events stand for
+IDENTITY_EVERY = 4  # identity_every: the identity loss term on every 4th step
+
+
+def node_events(node_id: str, steps: int, with_identity: bool) -> list[dict]:
+    """The websocket payloads nodes/train.py's TrainingWatch sends for the trainer's Progress events: the node's
+    own code builds them (its send_event is recorded here, where no PromptServer runs; the progress bar is
+    ComfyUI's and is left out), so a renamed key fails this test. Validated steps carry StepScores.row() and
+    the loss steps the identity term, as training/train.py adds them to the event's info."""
+    load_pack()
+    from pack_offline.nodes import train as node
+    from pack_offline.training.identity import StepScores
+    from pack_offline.training.progress import Progress
+
+    sent = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(node, "send_event", lambda name, data: sent.append((name, data)))
+        patch.setattr(node, "HostProgress", lambda node_id: lambda event: None)
+        watch = node.TrainingWatch(node_id)
+        for step in range(1, steps + 1):
+            plain = progress(node_id, step)
+            info = {k: plain[k] for k in ("loss", "lr", "it_per_s", "eta_s")}
+            if with_identity and step % IDENTITY_EVERY == 1:
+                info["identity_loss"] = 0.02 + 0.01 * (step % 3)
+            if with_identity and step % VALIDATE_EVERY == 0:
+                info |= StepScores(step, identity=0.9 - 0.4 * step / steps, presence=1.0).row()
+            watch(Progress("train", step, TOTAL, info))
+    assert node.PROGRESS_EVENT == PROGRESS_EVENT and {name for name, _ in sent} == {PROGRESS_EVENT}
+    return [data for _, data in sent]
+
+
+@pytest.fixture(scope="module")
+def second_node(page, train_node):
+    """A second Train Subject beside train_node (which keeps its series); its chart records the texts it draws."""
+    node_id = page.evaluate(f"""(() => {{
+        const node = LiteGraph.createNode("{TRAIN_NODE}");
+        node.pos = [620, 140];
+        app.graph.add(node);
+        node.setSize([420, node.computeSize()[1]]);  // the example workflows' width
+        app.canvas.setDirty(true, true);
+        return String(node.id);
+    }})()""")
+    page.wait_for(f"""(() => {{
+        const widget = app.graph.getNodeById({node_id}).widgets.find(w => w.name === "{WIDGET}");
+        const canvas = widget.element.querySelector("canvas");
+        if (!canvas || !canvas.clientWidth) return false;
+        const ctx = canvas.getContext("2d"), fillText = ctx.fillText.bind(ctx);
+        widget.pytestDrawnTexts = [];
+        ctx.fillText = (text, x, ...rest) => {{  // where it lands too: a legend entry past the edge is not seen
+            widget.pytestDrawnTexts.push({{text: String(text), x, width: ctx.measureText(text).width,
+                                          align: ctx.textAlign, canvasWidth: canvas.clientWidth}});
+            return fillText(text, x, ...rest);
+        }};
+        return true;
+    }})()""", timeout=20)
+    return node_id
+
+
+def run_on_chart(page, node_id: str, events: list[dict]) -> dict:
+    """A new run's events (the series restarts at step 1), then the chart and its texts as drawn once more
+    from the final series."""
+    dispatch(page, events)
+    page.evaluate(f"""(async () => {{
+        const node = app.graph.getNodeById({node_id});
+        node.widgets.find(w => w.name === "{WIDGET}").pytestDrawnTexts = [];
+        node.dreamboothTraining.scheduleDraw();
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+    }})()""")
+    return chart_state(page, node_id)
+
+
+@pytest.mark.parametrize("with_identity", [True, False], ids=["with identity", "without"])
+def test_chart_draws_the_identity_line_only_from_events_that_carry_it(page, train_node, second_node, with_identity,
+                                                                      tmp_path_factory):
+    first_series = f"app.graph.getNodeById({train_node}).dreamboothTraining.series.steps"
+    before = page.evaluate(first_series)
+    events = node_events(second_node, LAST_STEP, with_identity)
+    assert any(e["identity"] is not None for e in events) == with_identity
+    state = run_on_chart(page, second_node, events)
+    shot = tmp_path_factory.mktemp("identity") / "second_node.png"
+    page.screenshot(shot, clip=state["nodeClip"])
+    counts, legend = state["counts"], [drawn["text"] for drawn in state["legend"]]
+    print(f"{'with' if with_identity else 'without'} identity: {counts} of {state['plotPixels']} px; legend {legend}")
+    assert state["visible"] and f"step {LAST_STEP} / {TOTAL}" in state["text"]
+    assert counts["average"] > 100, f"the chart was not drawn: {counts} (see {shot})"
+    if with_identity:
+        assert counts["identity"] > 100, f"no identity line: {counts} (see {shot})"
+        assert counts["identityLoss"] > 50, f"no identity term: {counts} (see {shot})"
+        assert "identity distance (0-1)" in legend and "identity term" in legend, legend
+        cut = [d for d in state["legend"] if d["align"] == "left" and (d["x"] < 0 or d["x"] + d["width"] > d["canvasWidth"])]
+        assert not cut, f"legend entries past the chart's edge: {cut} (see {shot})"
+        assert f"identity 0.500 (step {LAST_STEP})" in state["text"]
+    else:
+        assert counts["identity"] == 0 and counts["identityLoss"] == 0, f"{counts} (see {shot})"
+        assert "loss" in legend and not [text for text in legend if "identity" in text], legend
+        assert "identity" not in state["text"]
+    assert page.evaluate(first_series) == before, "the events for the second node reached the first"

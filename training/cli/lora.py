@@ -72,11 +72,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from ..embedding import embedding_path
     from ..lora import read_lora, write_kohya  # torch loads here, not when the CLI starts
+
     out = _check_out(args.file, args.out, args.overwrite)
     lora = read_lora(args.file)
+    dropped: list[str] = []
+    if args.drop_embedding:  # diffusers' load_lora_weights refuses a file with bundle_emb keys
+        dropped, lora = list(lora.embeddings), lora.without_embeddings()
     write_kohya(lora, out, dtype=_dtype(args.dtype))
     print(f"{args.file}: {lora.source_format}, {len(lora.layers)} layers -> kohya")
+    if args.drop_embedding and not dropped:
+        print("note: --drop-embedding: the file carries no embedding; nothing dropped")
+    standalone = embedding_path(args.file)
+    for trigger in dropped:
+        where = "" if standalone.is_file() else f" ({standalone.name} is not beside {Path(args.file).name})"
+        print(f"dropped embedding {trigger}: load {standalone.name} with load_textual_inversion(..., "
+              f"token={trigger!r}){where}")
     for note in lora.notes:
         print(f"note: {note}")
     for key, reason in lora.unmapped.items():
@@ -118,6 +130,11 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="precision of the written weights "
                                                                             "(default: fp16)")
+    p.add_argument("--drop-embedding", action="store_true",
+                   help="leave out the bundled embedding (bundle_emb keys), for diffusers' load_lora_weights, which "
+                        "refuses bundle_emb keys; load the embedding with "
+                        "load_textual_inversion(<stem>_embedding.safetensors) (default: off, A1111/Forge read "
+                        "the bundled one)")
     p.set_defaults(func=cmd_convert)
 
 

@@ -6,9 +6,11 @@ Canonical names are diffusers module paths with a component prefix
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from ..embedding import META_TOKENS, META_TRIGGER, META_VECTORS
 
 
 @dataclass
@@ -84,6 +86,12 @@ class LoraFile:
     unmapped: dict[str, str] = field(default_factory=dict)  # file key -> reason
     notes: list[str] = field(default_factory=list)  # assumptions made while reading
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # bundled token embeddings: trigger -> [N, d]
+
+    def without_embeddings(self) -> LoraFile:
+        """The same LoRA without its bundled embeddings, nor the metadata that says it carries one
+        (diffusers' `load_lora_weights` refuses `bundle_emb.*` keys)."""
+        meta = {k: v for k, v in self.metadata.items() if k not in (META_TRIGGER, META_VECTORS, META_TOKENS)}
+        return replace(self, metadata=meta, embeddings={})
 
     def components(self) -> dict[str, int]:
         counts = {"unet": 0, "text_encoder": 0}

@@ -20,13 +20,17 @@ const IDENTITY_MATCH = 0.6;
 const MARGIN = { left: 46, right: 52, top: 22, bottom: 20 };
 const FONT = "11px sans-serif";
 
-/** The plot rectangle inside a chart of width x height CSS pixels. */
-export function plotArea(width, height) {
+// Height of one legend row; the legend wraps onto more rows when the chart is narrow.
+const LEGEND_ROW = 14;
+
+/** The plot rectangle inside a chart of width x height CSS pixels, below `legendRows` rows of legend. */
+export function plotArea(width, height, legendRows = 1) {
+  const top = MARGIN.top + (Math.max(1, legendRows) - 1) * LEGEND_ROW;
   return {
     x: MARGIN.left,
-    y: MARGIN.top,
+    y: top,
     width: Math.max(1, width - MARGIN.left - MARGIN.right),
-    height: Math.max(1, height - MARGIN.top - MARGIN.bottom),
+    height: Math.max(1, height - top - MARGIN.bottom),
   };
 }
 
@@ -55,7 +59,9 @@ export function drawChart(canvas, series) {
     return;
   }
 
-  const area = plotArea(width, height);
+  const legend = layoutLegend(ctx, width, legendItems(series.hasIdentity, series.hasIdentityLoss));
+  const area = plotArea(width, height, legend.rows);
+  canvas.plotArea = area; // where the last frame drew the plot (read by the browser test)
   const first = series.steps[0];
   const last = series.steps[series.steps.length - 1];
   // The x axis spans the whole run, so the drawn width shows how far training has come.
@@ -79,7 +85,7 @@ export function drawChart(canvas, series) {
   if (series.hasIdentity) drawIdentity(ctx, area, series, x);
   ctx.restore();
 
-  drawLegend(ctx, area, theme, series.hasIdentity, series.hasIdentityLoss);
+  drawLegend(ctx, theme, legend);
 }
 
 function drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss, yLr) {
@@ -108,8 +114,9 @@ function drawGridAndAxes(ctx, area, theme, xRange, lossRange, lrRange, x, yLoss,
   for (const v of niceTicks(xRange.min, xRange.max, 5).filter(Number.isInteger)) {
     ctx.fillText(String(v), x(v), area.y + area.height + 4);
   }
-  ctx.textAlign = "right";
-  ctx.fillText("step", area.x - 4, area.y + area.height + 4);
+  ctx.textAlign = "left"; // the axis name at the bottom left corner, clear of the lowest loss tick and the first step
+  ctx.textBaseline = "bottom";
+  ctx.fillText("step", 4, area.y + area.height + MARGIN.bottom - 1);
 
   ctx.strokeStyle = theme.axis;
   ctx.strokeRect(area.x + 0.5, area.y + 0.5, area.width - 1, area.height - 1);
@@ -149,7 +156,7 @@ function drawIdentityLoss(ctx, series, x, yLoss) {
   drawLine(ctx, steps, values, x, yLoss, { color: IDENTITY_LOSS_COLOR, width: 1.5 });
 }
 
-function drawLegend(ctx, area, theme, withIdentity = false, withIdentityLoss = false) {
+function legendItems(withIdentity = false, withIdentityLoss = false) {
   const items = [
     [COLORS.loss, "loss"],
     [COLORS.average, `mean of ${AVERAGE_WINDOW}`],
@@ -157,16 +164,36 @@ function drawLegend(ctx, area, theme, withIdentity = false, withIdentityLoss = f
   ];
   if (withIdentityLoss) items.push([IDENTITY_LOSS_COLOR, "identity term"]);
   if (withIdentity) items.push([IDENTITY_COLOR, "identity distance (0-1)"]);
+  return items;
+}
+
+/** Places each legend item (swatch, then label) left to right, starting a new row where one would not fit. */
+export function layoutLegend(ctx, width, items) {
+  ctx.font = FONT;
+  const start = 8;
+  const placed = [];
+  let left = start;
+  let row = 0;
+  for (const [color, label] of items) {
+    const itemWidth = 16 + ctx.measureText(label).width;
+    if (left > start && left + itemWidth > width - 4) {
+      row += 1;
+      left = start;
+    }
+    placed.push({ color, label, x: left, y: MARGIN.top / 2 + row * LEGEND_ROW });
+    left += itemWidth + 12;
+  }
+  return { items: placed, rows: row + 1 };
+}
+
+function drawLegend(ctx, theme, legend) {
   ctx.textAlign = "left";
   ctx.textBaseline = "middle";
-  let left = area.x;
-  const y = area.y / 2;
-  for (const [color, label] of items) {
+  for (const { color, label, x, y } of legend.items) {
     ctx.fillStyle = color;
-    ctx.fillRect(left, y - 1.5, 12, 3);
+    ctx.fillRect(x, y - 1.5, 12, 3);
     ctx.fillStyle = theme.text;
-    ctx.fillText(label, left + 16, y);
-    left += 16 + ctx.measureText(label).width + 12;
+    ctx.fillText(label, x + 16, y);
   }
 }
 
