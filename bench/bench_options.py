@@ -1,10 +1,12 @@
 """Per-step cost of the identity options (issue 14) against a plain LoRA run, measured in one invocation.
 
-Each config trains the same tiny LoRA (rank 4, 64 px, the bundled photos prepared once) in a fresh child
-process on one thread; the configs alternate, `--repeats` times, and each one's median step time is shown
-with its ratio to the plain run: the median over the rounds of its median step against the same round's
-plain run (the load of a shared machine drifts between rounds). The first step and the next `--warmup`
-steps carry one-off costs and are not timed. Goals (issue 14): --dora at most 1.5x; --rslora,
+Each config trains the same LoRA (the bundled photos prepared once) in a fresh child process on one thread:
+on `tiny` (rank 4, 64 px) by default, or with `--layout sd15` on the full-size SD1.5 layout (random weights,
+fp16 file, built once; rank 16, the trainer's default, at 256 px), where a step is the UNet's compute as a
+user's is rather than `tiny`'s fixed overhead. The configs alternate, `--repeats` times, and each one's
+median step time is shown with its ratio to the plain run: the median over the rounds of its median step
+against the same round's plain run (the load of a shared machine drifts between rounds). The first step and
+the next `--warmup` steps carry one-off costs and are not timed. Goals (issue 14): --dora at most 1.5x; --rslora,
 --loraplus-ratio 16 and --background-weight 0.3 1.0x.
 
 The validation row is a plain run with --validation-every: each validated step renders the validation prompts
@@ -13,10 +15,12 @@ against the prepared crops, prepared at 256 px because dlib finds no face in 64 
 needs CLIP weights). On tiny's random weights the renders hold no face, so the face scorer's time is its
 detection. The cost per scored render is that step's time less the run's median plain step, divided by the
 renders; the scorer's share is the tracker's own timing of `score` (StepScores.seconds, read by wrapping the
-real method). The first validation also loads the scorers, so it is shown apart.
+real method). The first validation also loads the scorers, so it is shown apart. The sd15 layout skips the
+validation row: one validation there is 4 renders of 20 sampling steps of the full UNet, minutes on one thread.
 
-    python bench/bench_options.py            # 40 steps per run, median of 3
-    python bench/bench_options.py --smoke    # a few steps, one run each: checks that every row runs
+    python bench/bench_options.py                  # tiny: 40 steps per run, median of 3
+    python bench/bench_options.py --layout sd15    # 3 steps per run (the first not timed), median of 2
+    python bench/bench_options.py --smoke          # a few steps, one run each: checks that every row runs
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +50,52 @@ CONFIGS = [
 VALIDATION = "validation"
 
 
-def one_run(dataset: str, out: str, steps: int, options: dict) -> dict:
-    """Train one tiny LoRA; each step's seconds (from step 2 on) and the tracker's scoring times."""
+@dataclass(frozen=True)
+class Layout:
+    """What one layout trains, and its defaults for a run of the bench (and for --smoke)."""
+
+    title: str
+    rank: int
+    resolution: int
+    steps: int
+    repeats: int
+    warmup: int
+    validation: bool  # whether the validation row runs
+    smoke_steps: int
+
+
+LAYOUTS = {
+    "tiny": Layout("tiny", rank=4, resolution=64, steps=40, repeats=3, warmup=3, validation=True, smoke_steps=4),
+    # from the smoke's CPU time: a step ~15 s on one core, a run's start, loading and caching ~55 s, building the
+    # file ~1 min: 5 configs x 2 rounds x 3 steps ~ 15-18 min on an idle machine
+    "sd15": Layout("full-size SD1.5 layout (random weights, fp16 file)", rank=16, resolution=256, steps=3,
+                   repeats=2, warmup=0, validation=False, smoke_steps=2),
+}
+
+
+def settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Layout]:
+    """The command line, with the layout's defaults filled in (--smoke: a few steps, one run each)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", choices=LAYOUTS, default="tiny",
+                        help="tiny (default), or sd15: the full-size SD1.5 layout, rank 16, 256 px, no validation row")
+    parser.add_argument("--steps", type=int, help="LoRA steps per run (tiny 40, sd15 3)")
+    parser.add_argument("--repeats", type=int, help="runs of each config, alternating, medians shown (tiny 3, sd15 2)")
+    parser.add_argument("--warmup", type=int, help="steps after the first that are not timed (tiny 3, sd15 0)")
+    parser.add_argument("--validation-every", type=int, default=10, help="the validation row's validation_every")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one run each, no warm-up; tiny 4 steps, validation every 2; sd15 2 steps")
+    args = parser.parse_args(argv)
+    layout = LAYOUTS[args.layout]
+    if args.smoke:
+        args.steps, args.repeats, args.warmup, args.validation_every = layout.smoke_steps, 1, 0, 2
+    for name in ("steps", "repeats", "warmup"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(layout, name))
+    return args, layout
+
+
+def one_run(base: str, dataset: str, out: str, steps: int, rank: int, resolution: int, options: dict) -> dict:
+    """Train one LoRA; each step's seconds (from step 2 on) and the tracker's scoring times."""
     from training.identity import IdentityTracker
     from training.train_config import TrainConfig
 
@@ -60,7 +109,7 @@ def one_run(dataset: str, out: str, steps: int, options: dict) -> dict:
         return result
 
     IdentityTracker.score = score
-    cfg = TrainConfig(base="tiny", instance_dir=dataset, output=out, steps=steps, rank=4, resolution=64,
+    cfg = TrainConfig(base=base, instance_dir=dataset, output=out, steps=steps, rank=rank, resolution=resolution,
                       save_every=0, overwrite=True, resume=False, **options)
     started = time.perf_counter()
     seconds = step_times(cfg, None)
@@ -68,10 +117,11 @@ def one_run(dataset: str, out: str, steps: int, options: dict) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(dataset: Path, out: Path, steps: int, options: dict) -> dict:
+def measure(base: str, dataset: Path, out: Path, steps: int, layout: Layout, options: dict) -> dict:
     """One run in a fresh process (its own allocator, caches and peak memory)."""
-    return run_in_child("bench_options", f"one_run({str(dataset)!r}, {str(out)!r}, {steps}, "
-                                         f"json.loads({json.dumps(options)!r}))", setup="import json;")
+    return run_in_child("bench_options", f"one_run({base!r}, {str(dataset)!r}, {str(out)!r}, {steps}, {layout.rank}, "
+                                         f"{layout.resolution}, json.loads({json.dumps(options)!r}))",
+                        setup="import json;")
 
 
 def timed_steps(run: dict, warmup: int, validated: set[int]) -> list[float]:
@@ -80,33 +130,32 @@ def timed_steps(run: dict, warmup: int, validated: set[int]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="LoRA steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each config, alternating (medians shown)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps after the first that are not timed")
-    parser.add_argument("--validation-every", type=int, default=10, help="the validation row's validation_every")
-    parser.add_argument("--smoke", action="store_true", help="4 steps, one run each, validation every 2")
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.repeats, args.warmup, args.validation_every = 4, 1, 0, 2
-
+    args, layout = settings()
+    started = time.perf_counter()
     from training.data import PrepareConfig, load_dataset, prepare_dataset
 
-    configs = CONFIGS + [(VALIDATION, {"validation_every": args.validation_every}, None)]
-    validated = set(range(args.validation_every, args.steps + 1, args.validation_every))
+    configs = CONFIGS + ([(VALIDATION, {"validation_every": args.validation_every}, None)] if layout.validation else [])
+    validated = set(range(args.validation_every, args.steps + 1, args.validation_every)) if layout.validation else set()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        # prepared at 256 px, trained at 64: the crops are the identity tracker's references, and dlib finds
-        # no face in 64 px crops
+        # prepared at 256 px (tiny trains at 64): the crops are the identity tracker's references, and dlib
+        # finds no face in 64 px crops
         dataset = prepare_dataset(ROOT / "training" / "sample_data" / "subject", work / "dataset",
                                   PrepareConfig(resolution=256)).folder
         data = load_dataset(dataset)
         regions = sum(data.subject_map(item, 8) is not None for item in data.items)
+        base = "tiny"
+        if args.layout == "sd15":
+            import torch
+
+            from training.models import build_random, save_single_file
+
+            base = str(save_single_file(build_random("sd15", seed=0), work / "sd15.safetensors", dtype=torch.float16))
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
         for repeat in range(args.repeats):
             for name, options, _ in configs:
                 out = work / f"{name.replace(' ', '_')}_{repeat}.safetensors"
-                runs[name].append(measure(dataset, out, args.steps, options))
+                runs[name].append(measure(base, dataset, out, args.steps, layout, options))
 
         def median_step(name: str) -> float:
             skip = validated if name == VALIDATION else set()
@@ -118,14 +167,17 @@ def main() -> None:
                                      / statistics.median(timed_steps(p, args.warmup, set()))
                                      for r, p in zip(runs[name], runs["plain"]))
 
-        print(f"tiny LoRA rank 4, 64 px, CPU, {THREADS} thread(s), {args.steps} steps per run (the first "
-              f"{args.warmup + 1} not timed), each config in a fresh process, alternated, median of {args.repeats}; "
-              f"{regions} of {len(data.items)} prepared photos have a subject region")
+        print(f"{layout.title} LoRA rank {layout.rank}, {layout.resolution} px, CPU, {THREADS} thread(s), "
+              f"{args.steps} steps per run (the first {args.warmup + 1} not timed), each config in a fresh process, "
+              f"alternated, median of {args.repeats}; {regions} of {len(data.items)} prepared photos have a subject "
+              "region")
         print(f"{'':24}{'ms/step':>9}{'vs plain':>10}{'goal':>7}")
         for name, _, goal in configs:
             ms = median_step(name)
             print(f"{name:24}{ms * 1e3:9.1f}{ratio(name):9.2f}x{f'{goal:.1f}x' if goal else '-':>7}")
-        _validation_rows(runs[VALIDATION], median_step(VALIDATION), args.validation_every, validated)
+        if layout.validation:
+            _validation_rows(runs[VALIDATION], median_step(VALIDATION), args.validation_every, validated)
+        print(f"\nthe whole bench took {time.perf_counter() - started:.0f} s")
 
 
 def _validation_rows(runs: list[dict], plain_step: float, every: int, validated: set[int]) -> None:

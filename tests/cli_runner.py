@@ -11,6 +11,8 @@ argv and fds 1/2 (temp files), optionally drops CAP_DAC_OVERRIDE/READ_SEARCH, an
 package as `__main__` exactly as `python -m training` does. A fresh interpreter is used instead when
 fork is unavailable (not Linux) or when the request changes an environment variable that a library
 reads only at import time (HF_*, TORCH*, OMP_*, locale, ...).
+A request's PYTHONPATH is taken as the interpreter takes it at startup: new folders on sys.path, and their
+sitecustomize.py run (a test's hooks, e.g. tests/test_crash_safety.py's slow or failing saves).
 
 Only calls that wait for a command to finish belong here: signal tests, the install test and tests that
 check what a fresh interpreter imports keep real subprocesses.
@@ -249,6 +251,7 @@ def _child(request: dict, out_path: str, err_path: str, preexec_path: str, proto
             os.close(target)
         os.environ.clear()
         os.environ.update(request["env"])
+        _startup_path(request["env"].get("PYTHONPATH", ""))
         import tempfile
 
         tempfile.tempdir = None  # TMPDIR of the request, not the server's
@@ -267,6 +270,21 @@ def _child(request: dict, out_path: str, err_path: str, preexec_path: str, proto
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _startup_path(pythonpath: str) -> None:
+    """What a fresh interpreter does with the request's PYTHONPATH at startup: folders the server's sys.path
+    lacks go first (after the working folder, before site-packages), and a sitecustomize.py in one of them
+    runs (site.py imports the first on sys.path; the server's venv has none)."""
+    import importlib
+
+    added = [p for p in dict.fromkeys(pythonpath.split(os.pathsep)) if p and os.path.abspath(p) not in
+             {os.path.abspath(q) for q in sys.path}]
+    sys.path[1:1] = added
+    if any(os.path.isfile(os.path.join(p, "sitecustomize.py")) for p in added):
+        sys.modules.pop("sitecustomize", None)
+        importlib.invalidate_caches()
+        importlib.import_module("sitecustomize")
 
 
 def _run_as_main(argv: list[str]) -> int:

@@ -92,3 +92,17 @@ def test_options_smoke_prints_every_option_against_plain_and_the_validation_cost
     assert next(x for x in lines if x.startswith("plain ")).split()[2] == "1.00x"
     per_render = next(x for x in lines if x.startswith("per scored render"))
     assert float(per_render.split()[3]) > 0 and "scoring" in per_render, run.stdout
+
+
+def test_options_layouts_fill_in_their_defaults_and_sd15_skips_validation():
+    """`--layout sd15` trains rank 16 at 256 px without the validation row; explicit values win over defaults."""
+    from bench.bench_options import settings
+
+    args, layout = settings([])
+    assert (args.layout, layout.rank, layout.resolution, layout.validation) == ("tiny", 4, 64, True)
+    assert (args.steps, args.repeats, args.warmup) == (40, 3, 3)
+    args, layout = settings(["--layout", "sd15"])
+    assert (layout.rank, layout.resolution, layout.validation) == (16, 256, False)
+    assert (args.steps, args.repeats, args.warmup) == (3, 2, 0)
+    assert settings(["--layout", "sd15", "--steps", "6"])[0].steps == 6
+    assert (settings(["--layout", "sd15", "--smoke"])[0].steps, settings(["--smoke"])[0].steps) == (2, 4)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_runner
 from fixture_paths import ROOT
 from training.checkpoint import list_checkpoints
 
@@ -34,7 +35,10 @@ def train_argv(dataset: Path, out: Path, *extra) -> list[str]:
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    """A run waited for, through tests/cli_runner.py (a fork of a preloaded interpreter, stderr a file);
+    the runs that get a signal are fresh interpreters (stop_after_first_step)."""
+    assert argv[:3] == [sys.executable, "-m", "training"], argv
+    return cli_runner.run(argv[3:], cwd=ROOT, env=ENV, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import cli_runner
 from fixture_paths import ROOT
 from training.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 
@@ -79,11 +80,23 @@ if any(os.environ.get(k) for k in ("SLOW_SAVE_MATCH", "FAIL_SAVE_MATCH", "KILL_A
                 return _half_then(_st.save(tensors, metadata=metadata), filename, _die)
             _die()
         result = _original(tensors, filename, metadata=metadata)
-        if step and int(step[1]) == kill_after and os.environ.get("KILL_MODE") != "mid-save":
+        if step and int(step[1]) == kill_after and os.environ.get("KILL_MODE") == "compute":
             threading.Timer(float(os.environ.get("KILL_DELAY", "0")), _die).start()
         return result
 
+    _replace = os.replace
+
+    def _replace_then_kill(src, dst, *args, **kwargs):
+        # KILL_MODE=after-rename: the timer starts once checkpoint k is in place (fsync and rename can take
+        # longer than KILL_DELAY on a busy machine), so the run always dies with checkpoint k kept
+        _replace(src, dst, *args, **kwargs)
+        step = re.search(r"step_(\\d+)\\.safetensors$", os.fspath(dst))
+        if (step and os.environ.get("KILL_MODE") == "after-rename"
+                and int(step[1]) == int(os.environ.get("KILL_AFTER_STEP", "-1"))):
+            threading.Timer(float(os.environ.get("KILL_DELAY", "0")), _die).start()
+
     _st.save_file = _save_file
+    os.replace = _replace_then_kill
 '''
 
 
@@ -110,7 +123,12 @@ def env(hooks: Path, **extra: str) -> dict:
 
 
 def run(argv: list[str], hooks: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, env=env(hooks, **extra), capture_output=True, text=True, timeout=600)
+    """A run waited for; one that kills itself (KILL_AFTER_STEP) is a fresh interpreter, the others go through
+    tests/cli_runner.py (a fork of a preloaded interpreter, the hooks run as its sitecustomize all the same)."""
+    if "KILL_AFTER_STEP" in extra:
+        return subprocess.run(argv, cwd=ROOT, env=env(hooks, **extra), capture_output=True, text=True, timeout=600)
+    assert argv[:3] == [sys.executable, "-m", "training"], argv
+    return cli_runner.run(argv[3:], cwd=ROOT, env=env(hooks, **extra), timeout=600)
 
 
 def start(argv: list[str], hooks: Path, logs: Path, **extra: str) -> subprocess.Popen:
@@ -311,7 +329,7 @@ def test_killed_with_the_identity_loss_on_resumes_bitwise_equal(tmp_path, datase
     assert any("identity_loss" in row for row in read_loss_log(Path(f"{reference}.run"))), "no step computed the term"
     out = tmp_path / "subject.safetensors"
     argv = train_argv(dataset, out, *identity)
-    killed = run(argv, hooks, KILL_AFTER_STEP="5", KILL_MODE="compute", KILL_DELAY="0.1")
+    killed = run(argv, hooks, KILL_AFTER_STEP="5", KILL_MODE="after-rename", KILL_DELAY="0.1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert int(assert_checkpoints_whole(Path(f"{out}.run"))[-1].stem.split("_")[1]) == 5
     resumed = run(argv, hooks)
@@ -331,7 +349,7 @@ def test_killed_during_and_after_pivotal_tuning_resumes_bitwise_equal(tmp_path, 
     out = tmp_path / "subject.safetensors"
     argv = train_argv(dataset, out, *pivotal)
     for kill_after in (3, STEPS // 2 + 2):
-        killed = run(argv, hooks, KILL_AFTER_STEP=str(kill_after), KILL_MODE="compute", KILL_DELAY="0.1")
+        killed = run(argv, hooks, KILL_AFTER_STEP=str(kill_after), KILL_MODE="after-rename", KILL_DELAY="0.1")
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert int(assert_checkpoints_whole(Path(f"{out}.run"))[-1].stem.split("_")[1]) == kill_after
     resumed = run(argv, hooks)

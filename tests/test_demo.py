@@ -2,14 +2,13 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from PIL import Image
 
+import cli_runner
 from fixture_paths import OTHER_PEOPLE, ROOT, SUBJECT_PHOTOS
 from training.demo import DemoConfig, run_demo
 from training.drawing import MIN_TILE, font, font_size
@@ -25,8 +24,8 @@ LABELS = [group_name(*m) for m in MODELS]
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+    """`python -m training ARGS`, through tests/cli_runner.py (a fork of a preloaded interpreter)."""
+    return cli_runner.run(list(args), cwd=ROOT, timeout=timeout)
 
 
 def linked_files(report_md):

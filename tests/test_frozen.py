@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from training.frozen import FrozenConv2d, FrozenLinear, freeze_base_layers
+from training.frozen import FrozenConv2d, FrozenLinear, freeze_base_layers, keep_dora_bases_in
 from training.models import build_tiny
 from training.train_config import TARGETS
 
@@ -138,3 +138,35 @@ def test_a_base_kept_in_fp16_hashes_as_the_same_base():
     torch.nn.Module.to(model.unet.down_blocks, dtype=torch.float16)
     assert any(p.dtype == torch.float16 for p in model.unet.parameters())
     assert weights_sha256(model) == before
+
+
+def test_dora_bases_kept_in_fp32_give_the_same_output_and_gradients_bit_for_bit():
+    """peft's DoRA casts its base weight every forward: an fp32 copy saves a cast and changes no number."""
+    torch.manual_seed(0)
+    unet = build_tiny().unet.requires_grad_(False)
+    freeze_base_layers(unet, torch.float16, torch.float32)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS["attn+ff+conv"], use_dora=True))
+    for name, p in unet.named_parameters():
+        if "lora_" in name:  # fp32 as the trainer keeps them; up-weights as trained, so the norm depends on them
+            p.data = torch.randn(p.shape) * 0.1 if "lora_B" in name else p.data.float()
+            p.requires_grad_(True)
+    args = (torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 77, 32))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet.zero_grad(set_to_none=True)
+        out = unet(*args).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad for p in unet.parameters() if p.grad is not None]
+
+    before, grads = run()
+    dora_linears = sum(isinstance(m.get_base_layer(), FrozenLinear) for m in unet.modules()
+                       if getattr(m, "lora_magnitude_vector", None))
+    assert keep_dora_bases_in(unet, torch.float32) == dora_linears > 0
+    for module in unet.modules():
+        if getattr(module, "lora_magnitude_vector", None):
+            base = module.get_base_layer()
+            assert base.weight.dtype == (torch.float32 if isinstance(base, FrozenLinear) else torch.float16)
+    after, grads_after = run()
+    assert torch.equal(before, after) and len(grads) == len(grads_after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_after))
+    assert keep_dora_bases_in(unet, torch.float32) == 0

@@ -13,21 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from training import identity
-from training.data import PrepareConfig, prepare_dataset
 from training.errors import UserError
 from training.eval.scorers import FaceScore
 from training.identity import KEPT_FILE, StepScores, better
 from training.train import train
 from training.train_config import TrainConfig
 
-PHOTOS = Path(__file__).resolve().parents[1] / "training" / "sample_data" / "subject"
-
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    prepare_dataset(PHOTOS, out, PrepareConfig(resolution=64))
-    return out
+def dataset(tiny_dataset):
+    return tiny_dataset  # the photos prepared at 64 px once per session (conftest.py)
 
 
 def preset_faces(distances: list[float | None]):
@@ -48,7 +43,8 @@ def preset_faces(distances: list[float | None]):
 def config(dataset, out: Path, **kw) -> TrainConfig:
     # constant lr: a shorter run then takes exactly the same steps as the first steps of a longer one
     base = dict(instance_dir=str(dataset), output=str(out), steps=4, rank=4, seed=3, save_every=0,
-                lr_scheduler="constant", validation_every=2, validation_prompts=["a photo of {token} {class}"])
+                lr_scheduler="constant", validation_every=2, validation_prompts=["a photo of {token} {class}"],
+                validation_steps=2)  # the preset scorer ignores the pictures: 2 sampling steps render enough
     return TrainConfig(**(base | kw))
 
 
@@ -117,6 +113,15 @@ def test_best_identity_needs_validation():
         TrainConfig(instance_dir="x", output="y.safetensors", keep="best-identity").validate()
     with pytest.raises(UserError, match="keep"):
         TrainConfig(instance_dir="x", output="y.safetensors", keep="best").validate()
+
+
+def test_validation_steps_are_hashed_only_where_they_choose_the_kept_step():
+    validated = dict(keep="best-identity", validation_every=2)
+    assert TrainConfig(validation_steps=2).result_hash() == TrainConfig().result_hash()  # keep last: renders only
+    assert TrainConfig(**validated, validation_steps=20).result_hash() == TrainConfig(**validated).result_hash()
+    assert TrainConfig(**validated, validation_steps=2).result_hash() != TrainConfig(**validated).result_hash()
+    with pytest.raises(UserError, match="validation_steps"):
+        TrainConfig(instance_dir="x", output="y.safetensors", validation_steps=0).validate()
 
 
 def test_default_validation_set_has_the_off_identity_probe():

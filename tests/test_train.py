@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_runner
 from training.checkpoint import list_checkpoints
 from training.data import PrepareConfig, prepare_dataset
 from training.errors import UserError
@@ -84,7 +85,7 @@ def test_dreambooth_writes_a_loadable_single_file(dataset, class_dir, tmp_path):
     base = build_tiny()
     changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k].half().float())]
     assert changed, "DreamBooth changed no UNet weight"
-    run = subprocess.run([sys.executable, "-m", "training", "info", str(out)], capture_output=True, text=True, cwd=ROOT)
+    run = cli_runner.run(["info", out], cwd=ROOT)  # `python -m training info`, forked from a preloaded interpreter
     assert run.returncode == 0 and "tiny" in run.stdout
 
 
@@ -157,7 +158,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(dataset, class_di
             "--num-class-images", "2", "--save-every", "3", "--seed", "5"]
     cli = [sys.executable, "-m", "training", "train", "--base", "tiny"]
     ref = tmp_path / "ref.safetensors"
-    subprocess.run(cli + args + ["--output", str(ref)], check=True, capture_output=True, cwd=ROOT)
+    done = cli_runner.run(cli[3:] + args + ["--output", str(ref)], cwd=ROOT)  # waited for: forked, as in cli_runner.py
+    assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(cli + args + ["--output", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -169,7 +171,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(dataset, class_di
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "the run finished before it could be killed; raise --steps"
-    resumed = subprocess.run(cli + args + ["--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    resumed = cli_runner.run(cli[3:] + args + ["--output", str(out)], cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(str(ref)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -129,3 +129,17 @@ def freeze_base_layers(module: torch.nn.Module, storage_dtype: torch.dtype, comp
             if b.is_floating_point():
                 setattr(layer, name, _cast(b, compute_dtype))
     return swapped
+
+
+def keep_dora_bases_in(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the base weight of every peft DoRA Linear of `module` (a frozen twin) in `dtype`, the precision
+    it computes in; returns how many were cast. peft's DoRA casts that weight to the input's precision every
+    forward for its norm, so a half-precision copy would be cast twice a forward (there and in the twin); the
+    cast is exact, so nothing computed changes. (A DoRA conv allocates its sum with the delta either way.)"""
+    cast = 0
+    for layer in module.modules():
+        base = layer.get_base_layer() if getattr(layer, "lora_magnitude_vector", None) else None
+        if isinstance(base, FrozenLinear) and base.weight.dtype != dtype:
+            base.weight.data = base.weight.data.to(dtype)
+            cast += 1
+    return cast

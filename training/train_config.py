@@ -32,10 +32,12 @@ METHOD_DEFAULTS = {"lora": {"steps": 800, "lr": 1e-4}, "dreambooth": {"steps": 4
 DEFAULT_CLASS_IMAGES = 100
 # The identity loss skips timesteps above this share of the schedule (identity_loss.py says why).
 IDENTITY_MAX_T_FRACTION = 0.6
+VALIDATION_STEPS = 20  # sampling steps of a validation render
 PIVOTAL_TOKENS = 2  # what `--pivotal` (and the node's first step up from 0) means: two new tokens
 # Fields that change the result; the rest (where files go, how often to report) do not.
 NOT_IN_RESULT = {"output", "run_dir", "save_every", "validation_every", "validation_prompts", "validation_negative",
-                 "resume", "overwrite", "class_dir", "gradient_checkpointing", "channels_last", "compile", "embedding_dir", "validation_clip"}
+                 "resume", "overwrite", "class_dir", "gradient_checkpointing", "channels_last", "compile", "embedding_dir", "validation_clip",
+                 "validation_steps"}
 # Fields added after outputs were first written: left out of the hash while off, so a finished
 # output of an equal effective config is still reused.
 HASHED_ONLY_WHEN_SET: dict[str, object] = {"background_weight": 1.0, "keep": "last", "dora": False, "rslora": False,
@@ -173,6 +175,8 @@ class TrainConfig:
         "prompts rendered every validation_every steps; {token} and {class} are filled in (default: the three "
         "scenes and an off-identity probe, '" + PROBE_PROMPT + "')"))
     validation_negative: str = field(default=SEED_NEGATIVE, metadata=_help("negative prompt of the validation images"))
+    validation_steps: int = field(default=VALIDATION_STEPS, metadata=_help(
+        "sampling steps of each validation render (fewer: faster, rougher pictures)"))
     validation_every: int = field(default=0, metadata=_help(
         "render the validation prompts every N steps and score them: subject present (a face found), identity "
         "distance to the dataset's crops, and CLIP-T when CLIP weights are given (0: never)"))
@@ -224,6 +228,8 @@ class TrainConfig:
                 del data[name]
         if self.keep != "last":  # the kept step depends on which steps are validated and what they render
             data |= {k: getattr(self, k) for k in ("validation_every", "validation_prompts", "validation_negative")}
+            if self.validation_steps != VALIDATION_STEPS:  # added later: hashed only when changed
+                data["validation_steps"] = self.validation_steps
         if not self.identity_weight:  # off: how often it would be computed changes nothing
             data.pop("identity_every", None)
         if not self.pivotal_tokens:  # off: its settings change nothing
@@ -332,6 +338,8 @@ class TrainConfig:
             bad("mixed_precision", f"'{self.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
         elif self.mixed_precision == "fp16" and resolve_precision("auto") == "no":
             bad("mixed_precision", "fp16 needs a GPU; choose auto, no or bf16 to train on the CPU")
+        if self.validation_steps < 1:
+            bad("validation_steps", f"{self.validation_steps} must be at least 1 ({VALIDATION_STEPS} is usual)")
         if self.save_every < 0 or self.validation_every < 0:
             bad("save_every" if self.save_every < 0 else "validation_every", "must be 0 (off) or more")
         if self.validation_clip and not Path(self.validation_clip).is_dir():

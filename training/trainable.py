@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .frozen import freeze_base_layers
+from .frozen import freeze_base_layers, keep_dora_bases_in
 from .models import SDModel
 from .train_config import TEXT_TARGETS, TARGETS, TrainConfig
 
@@ -82,6 +82,8 @@ def setup_trainable(cfg: TrainConfig, model: SDModel, embedding: torch.nn.Parame
         from peft import inject_adapter_in_model
 
         model.unet.add_adapter(lora_config(cfg, TARGETS[cfg.targets]))
+        if cfg.dora and cfg.mixed_precision == "no":  # an fp16 base would be cast twice a forward
+            keep_dora_bases_in(model.unet, torch.float32)
         if cfg.train_text_encoder:
             inject_adapter_in_model(lora_config(cfg, TEXT_TARGETS), model.text_encoder)
         generator = torch.Generator().manual_seed(cfg.seed)

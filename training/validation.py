@@ -21,7 +21,7 @@ def validation_images(cfg: TrainConfig, model: SDModel, resolution: int, step: i
     was_training = model.unet.training
     model.unet.eval()
     images = generate_images(model, prompts, cfg.validation_negative, list(range(len(prompts))),
-                             resolution=resolution, steps=20)
+                             resolution=resolution, steps=cfg.validation_steps)
     model.unet.train(was_training)
     folder = cfg.run_path / "validation"
     return [atomic_save_image(im, folder / f"step_{step:07d}_{i}.png") for i, im in enumerate(images)]
