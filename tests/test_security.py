@@ -260,11 +260,16 @@ def bomb(tmp_path_factory) -> Path:
     return png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
 
 
+def folder_of(folder: Path, *files: Path) -> Path:
+    """`folder`, made, with copies of `files` in it."""
+    folder.mkdir()
+    for file in files:
+        shutil.copy(file, folder)
+    return folder
+
+
 def test_a_decompression_bomb_is_skipped_by_prepare_with_a_reason(bomb, tmp_path):
-    src = tmp_path / "photos"
-    src.mkdir()
-    shutil.copy(bomb, src)
-    shutil.copy(SUBJECT_PHOTOS / "input__foreground__01.jpg", src)
+    src = folder_of(tmp_path / "photos", bomb, SUBJECT_PHOTOS / "input__foreground__01.jpg")
     assert bomb.stat().st_size < 5_000_000
     width, height = struct.unpack(">II", bomb.read_bytes()[16:24])  # what its IHDR claims
     assert width * height > 2 * Image.MAX_IMAGE_PIXELS
@@ -274,11 +279,8 @@ def test_a_decompression_bomb_is_skipped_by_prepare_with_a_reason(bomb, tmp_path
 
 
 def test_a_decompression_bomb_among_references_is_one_line(bomb, tmp_path):
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    shutil.copy(bomb, refs)
-    images = tmp_path / "images"
-    images.mkdir()
+    refs = folder_of(tmp_path / "refs", bomb)
+    images = folder_of(tmp_path / "images")
     Image.new("RGB", (64, 64)).save(images / "lora_r4_forest_0.png")
     run = cli(["evaluate", "--images", images, "--references", refs, "--out", tmp_path / "ev", "--face-detector", "hog"])
     lines = stderr_lines(run.stderr)
@@ -287,12 +289,8 @@ def test_a_decompression_bomb_among_references_is_one_line(bomb, tmp_path):
 
 
 def test_a_decompression_bomb_among_class_images_is_one_line(bomb, tmp_path):
-    classes = tmp_path / "classes"
-    classes.mkdir()
-    shutil.copy(bomb, classes)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    shutil.copy(SUBJECT_PHOTOS / "input__foreground__01.jpg", photos)
+    classes = folder_of(tmp_path / "classes", bomb)
+    photos = folder_of(tmp_path / "photos", SUBJECT_PHOTOS / "input__foreground__01.jpg")
     run = cli(["train", "--base", "tiny", "--instance-dir", photos, "--output", tmp_path / "o.safetensors", "--steps", "1",
                "--rank", "4", "--prior-preservation", "--class-dir", classes, "--num-class-images", "1"])
     lines = stderr_lines(run.stderr)

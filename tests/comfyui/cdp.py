@@ -22,6 +22,8 @@ from pathlib import Path
 
 import websocket
 
+from host_helpers import stop_process
+
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
 STARTUP_TIMEOUT_S = 30
 
@@ -79,13 +81,7 @@ class Chromium:
         return Page(tab["webSocketDebuggerUrl"])
 
     def __exit__(self, *exc) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
         if self.profile:
             shutil.rmtree(self.profile, ignore_errors=True)
 

@@ -125,13 +125,9 @@ class ComfyServer:
         pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        from host_helpers import stop_process
+
+        stop_process(self.process, timeout=20)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -156,3 +156,18 @@ class WebSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def stop_process(process, timeout: float) -> None:
+    """SIGTERM a child we started (a server started in the background ignores SIGINT), then SIGKILL it if it
+    has not exited within `timeout` seconds."""
+    import subprocess
+
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

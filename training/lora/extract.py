@@ -152,9 +152,10 @@ def extract(base: Any, tuned: Any, rank: int | None = None, keep_energy: float |
                     missing = base_src.label if old is None else tuned_src.label
                     raise UserError(f"{missing} has no weight for {name}; it is not a complete SD1.5 model.")
                 diff = diffs[len(changed)]
-                torch.sub(new.reshape(m, n).float(), old.reshape(m, n).float(), out=diff)
+                diff.copy_(new.reshape(m, n)).sub_(old.reshape(m, n))  # in fp32, as new.float() - old.float()
                 del old, new
-                if float(diff.abs().max()) <= min_diff:
+                low, high = torch.aminmax(diff)
+                if max(-float(low), float(high)) <= min_diff:  # the largest |change|, without an |diff| copy
                     unchanged += 1
                 else:
                     changed.append(name)
@@ -210,7 +211,8 @@ def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[in
     a change that needs more than half its full rank gets the exact SVD."""
     _, m, n = diffs.shape
     full = min(m, n)
-    totals = torch.linalg.vector_norm(diffs.flatten(1), dim=1, dtype=torch.float64).square().tolist()
+    # |change|^2 per layer: rows' norms in fp32, summed in fp64 (no fp64 copy of the changes)
+    totals = torch.linalg.vector_norm(diffs, dim=2).double().square().sum(dim=1).tolist()
     out: dict[int, tuple[LoraLayer, LayerResize]] = {}
     todo = list(range(len(names)))
     target = rank if rank is not None else KEEP_ENERGY_START
