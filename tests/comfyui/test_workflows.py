@@ -153,9 +153,10 @@ def test_rank_sweep_runs(server):
     from PIL import Image
 
     with Image.open(server.base_dir / "output" / saved["subfolder"] / saved["filename"]) as grid:
-        assert 5 * 64 <= grid.height < 6 * 64 and grid.width >= 2 * 64  # five models (rows) below the labels
+        # six models (rows: dreambooth, extracted r64/r16/r4, lora r4, lora r4 pivotal) below the labels
+        assert 6 * 64 <= grid.height < 7 * 64 and grid.width >= 2 * 64
     fidelity = text_of(entry, nodes_of(api, "DreamBoothSubjectFidelity")[0])
-    assert all(word in fidelity for word in ("dreambooth", "extracted", "lora", "desert"))
+    assert all(word in fidelity for word in ("dreambooth", "extracted", "lora", "pivotal", "desert"))
     assert "mountains" not in fidelity  # the two scenes given here, not the default three
     infos = [text_of(entry, node_id) for node_id in nodes_of(api, "DreamBoothLoadSubjectLoRA")]
     assert sum("used rank 4;" in info for info in infos) == 1 and any("used rank 16;" in i for i in infos)
