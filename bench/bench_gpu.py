@@ -272,18 +272,14 @@ def setup(work: Path, smoke: bool, resolution: int, num_class: int = 4) -> tuple
     import numpy as np
     from PIL import Image
 
+    from bench.bench_train import random_sd15_file
     from training.data import PrepareConfig, prepare_dataset
 
     if smoke:
         base, family = "tiny", "tiny"
     else:
-        base, family = str(work / "sd15_random_fp16.safetensors"), "sd15"
-        if not Path(base).is_file():  # reused from an earlier run with the same --work
-            import torch
-
-            from training.models import build_random, save_single_file
-
-            save_single_file(build_random("sd15", seed=0), base, dtype=torch.float16)
+        # reused from an earlier run with the same --work
+        base, family = str(random_sd15_file(work / "sd15_random_fp16.safetensors")), "sd15"
     dataset = work / f"dataset_{resolution}"
     if not (dataset / "dataset.json").is_file():  # flip: 12 images, enough for batch 8
         prepare_dataset(ROOT / "training" / "sample_data" / "subject", dataset,

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_train import THREADS, run_in_child  # noqa: E402
+from bench.bench_train import THREADS, random_sd15_file, run_in_child  # noqa: E402
 
 
 def one_run(base: str, dataset: str, out: str, steps: int, resolution: int, weight: float, every: int,
@@ -60,10 +60,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true",
                         help="also K=1 with gradient checkpointing (UNet and VAE decoder)")
     args = parser.parse_args()
-    import torch
-
     from training.data import PrepareConfig, prepare_dataset
-    from training.models import build_random, save_single_file
 
     runs = [("off", 0.0, 1, False), ("K=1", 1.0, 1, False), ("K=4", 1.0, 4, False)]
     if args.checkpointing:
@@ -73,7 +70,7 @@ def main() -> None:
         dataset = work / "dataset"
         prepare_dataset(ROOT / "training" / "sample_data" / "subject", dataset,
                         PrepareConfig(resolution=args.resolution))
-        base = save_single_file(build_random("sd15", seed=0), work / "sd15.safetensors", dtype=torch.float16)
+        base = random_sd15_file(work / "sd15.safetensors")
         print(f"LoRA rank 4 on the full-size SD1.5 layout (random weights, fp16 file), {args.resolution} px, CPU, "
               f"{THREADS} thread(s), {args.steps} steps (the first not timed)")
         print(f"{'':22}{'s/step':>9}{'with term':>11}{'without':>9}{'computed':>10}{'peak RSS MB':>13}")

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_pivotal import step_times  # noqa: E402
-from bench.bench_train import THREADS, peak_rss_mb, run_in_child  # noqa: E402  (also sets HF_HUB_OFFLINE)
+from bench.bench_train import THREADS, peak_rss_mb, random_sd15_file, run_in_child  # noqa: E402  (also sets HF_HUB_OFFLINE)
 
 # name, TrainConfig fields on top of the plain run, goal ratio (None: no goal)
 CONFIGS = [
@@ -146,11 +146,7 @@ def main() -> None:
         regions = sum(data.subject_map(item, 8) is not None for item in data.items)
         base = "tiny"
         if args.layout == "sd15":
-            import torch
-
-            from training.models import build_random, save_single_file
-
-            base = str(save_single_file(build_random("sd15", seed=0), work / "sd15.safetensors", dtype=torch.float16))
+            base = str(random_sd15_file(work / "sd15.safetensors"))
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
         for repeat in range(args.repeats):
             for name, options, _ in configs:

@@ -160,6 +160,18 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 
+def random_sd15_file(path: Path) -> Path:
+    """The full-size SD1.5 layout with random weights (seed 0) saved at `path` as an fp16 single file, as
+    SD1.5 checkpoints usually come (no download); an existing file there is reused."""
+    if not path.is_file():
+        import torch
+
+        from training.models import build_random, save_single_file
+
+        save_single_file(build_random("sd15", seed=0), path, dtype=torch.float16)
+    return path
+
+
 def run_in_child(module: str, call: str, setup: str = "") -> dict:
     """`bench.<module>.<call>` in a fresh process (its own allocator, caches and peak memory) on THREADS
     threads; returns the dict it returns, with the child's peak RSS and the process's wall time."""
@@ -231,13 +243,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         compare("tiny", "tiny", 64, args.steps, Path(tmp) / "tiny", args.repeats)
         if args.memory:
-            import torch
-
-            from training.models import build_random, save_single_file
-
-            # in fp16, as SD1.5 checkpoints usually come; the reference loads it in fp32, as
-            # train_dreambooth_lora.py does without mixed precision
-            sd15 = save_single_file(build_random("sd15", seed=0), Path(tmp) / "sd15.safetensors", dtype=torch.float16)
+            # the reference loads the fp16 file in fp32, as train_dreambooth_lora.py does without mixed precision
+            sd15 = random_sd15_file(Path(tmp) / "sd15.safetensors")
             compare("full-size SD1.5 layout (random weights, fp16 file)", str(sd15), 256, 3, Path(tmp) / "sd15",
                     note="(3 steps, for the memory: caching 10 latents costs more time than encoding 6)")
 

@@ -79,17 +79,19 @@ def _drop_dac_from_this_process() -> None:
 
 
 def run(argv: list, cwd: Path | str = ROOT, env: dict | None = None, timeout: float | None = None,
-        drop_dac: bool = False) -> subprocess.CompletedProcess:
-    """`python -m training *argv` as subprocess.run(..., capture_output=True, text=True) would run it."""
+        drop_dac: bool = False, text: bool = True) -> subprocess.CompletedProcess:
+    """`python -m training *argv` as subprocess.run(..., capture_output=True, text=text) would run it
+    (text=False: stdout and stderr as the bytes written, carriage returns kept)."""
     argv = [str(a) for a in argv]
     env = dict(os.environ if env is None else env)
     command = [sys.executable, "-m", "training", *argv]
     drop = drop_dac and hasattr(os, "geteuid") and os.geteuid() == 0
     if not _SERVER.usable(env):
-        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=text, timeout=timeout,
                               preexec_fn=without_dac_override if drop else None)
     answer = _SERVER.ask({"argv": argv, "cwd": str(cwd), "env": env, "drop_dac": drop, "timeout": timeout})
-    stdout, stderr = (_text(base64.b64decode(answer[name])) for name in ("stdout", "stderr"))
+    decode = pipe_text if text else bytes
+    stdout, stderr = (decode(base64.b64decode(answer[name])) for name in ("stdout", "stderr"))
     if answer.get("preexec_error"):
         raise subprocess.SubprocessError(f"Exception occurred in preexec_fn: {answer['preexec_error']}")
     if answer.get("timed_out"):
@@ -97,7 +99,7 @@ def run(argv: list, cwd: Path | str = ROOT, env: dict | None = None, timeout: fl
     return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
 
 
-def _text(data: bytes) -> str:
+def pipe_text(data: bytes) -> str:
     """What text=True makes of a pipe's bytes: locale encoding, universal newlines (\\r too)."""
     import locale
 
