@@ -9,6 +9,7 @@ host still reads its own extra_model_paths.yaml if it has one.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,11 +48,12 @@ def missing_host_reason() -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # the marks must be there when xdist's own hook reads them
 def pytest_collection_modifyitems(config, items):
     reason = missing_host_reason()
     ours = [item for item in items if HERE in Path(item.path).parents]
-    for item in ours:  # `-n 2 --dist loadgroup`: one worker runs them all, against one ComfyUI server
-        item.add_marker(pytest.mark.xdist_group("comfyui"))
+    for item in ours:  # `--dist loadgroup`: a module runs on one worker, so its module fixtures are made once
+        item.add_marker(pytest.mark.xdist_group(f"comfyui_{Path(item.path).stem}"))
     if reason is None or not ours:
         return
     line = f"tests/comfyui skipped: {reason}"
@@ -64,6 +66,23 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_xdist_groups(config, items):  # pytest registers only pytest_* names
+    """xdist 3.8 tells its scheduler an item's group by renaming item._nodeid to "<id>@<group>"; pytest 9.2 keeps
+    the id in item._id and ignores that (pytest-xdist#1386), so every test was scheduled alone. Rename it here,
+    after xdist's hook, where xdist's rename did not take (a fixed xdist leaves nothing to do)."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
+        return
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId  # pytest 9.2's structured ids; older ones took xdist's rename
+
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,11 +93,14 @@ def host_supports(host: Path, flag: str) -> bool:
     return flag in (host / "comfy" / "cli_args.py").read_text()
 
 
-def directory_args(host: Path, base: Path) -> list[str]:
-    """Point every folder the server reads or writes at `base`."""
+def directory_args(host: Path, base: Path, own: Path | None = None) -> list[str]:
+    """Point every folder the server reads or writes at `base`; its database and temp folder at `own` when
+    another server uses `base` too (a starting host empties its temp folder)."""
     args = []
     if host_supports(host, "--database-url"):  # its default lies inside the host folder
-        args += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+        args += ["--database-url", f"sqlite:///{(own or base / 'user') / 'comfyui.db'}"]
+    if own:
+        args += ["--temp-directory", str(own)]
     if host_supports(host, "--base-directory"):
         return args + ["--base-directory", str(base)]
     # Older hosts: extra model paths (custom_nodes included) plus one flag per folder.
@@ -88,7 +110,7 @@ def directory_args(host: Path, base: Path) -> list[str]:
         "  loras: models/loras\n  custom_nodes: custom_nodes\n"
     )
     args += ["--extra-model-paths-config", str(extra), "--output-directory", str(base / "output"),
-             "--input-directory", str(base / "input"), "--temp-directory", str(base)]
+             "--input-directory", str(base / "input")] + ([] if own else ["--temp-directory", str(base)])
     if host_supports(host, "--user-directory"):
         args += ["--user-directory", str(base / "user")]
     return args
@@ -97,8 +119,11 @@ def directory_args(host: Path, base: Path) -> list[str]:
 class ComfyServer:
     """A running ComfyUI server and small HTTP helpers around it."""
 
-    def __init__(self, host: Path, python: str, base_dir: Path, log_path: Path, listen: str = "127.0.0.1"):
+    def __init__(self, host: Path, python: str, base_dir: Path, log_path: Path, listen: str = "127.0.0.1",
+                 build_cache: Path | None = None, own_dir: Path | None = None):
         self.host, self.python, self.base_dir, self.log_path = host, python, base_dir, log_path
+        self.own_dir = own_dir  # database and temp folder, for a server on another server's base_dir
+        self.build_cache = build_cache  # where host_helpers builds the test checkpoint once per run
         self.listen = listen  # e.g. "0.0.0.0": a server others can reach (requests still go to 127.0.0.1)
         self.pack_dir = base_dir / "custom_nodes" / PACK_NAME
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -108,7 +133,7 @@ class ComfyServer:
         port = self.url.rsplit(":", 1)[1]
         command = [self.python, "main.py", "--cpu", "--disable-api-nodes",
                    "--listen", self.listen, "--port", port,
-                   *directory_args(self.host, self.base_dir)]
+                   *directory_args(self.host, self.base_dir, self.own_dir)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.host, env=env,
@@ -161,24 +186,40 @@ class ComfyServer:
         pytest.fail(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log_tail()}")
 
 
-def new_server(root: Path, listen: str = "127.0.0.1", base_dir: Path | None = None) -> ComfyServer:
+def new_server(root: Path, listen: str = "127.0.0.1", base_dir: Path | None = None,
+               build_cache: Path | None = None) -> ComfyServer:
     """A server (not started) with its own base directory under `root`, or on `base_dir` (e.g. another
-    server's, to restart on the same folders); its log is root/comfyui.log."""
+    server's, running or not: then its database and temp folder are in `root`); its log is root/comfyui.log."""
     reason = missing_host_reason()
     if reason:
         pytest.skip(reason)
     host = find_host()
     if base_dir is None:
         base_dir = root / "base"
-        for folder in ["models/checkpoints", "models/loras", "input", "output", "user", "custom_nodes"]:
+        # models/embeddings as a real install has it (pivotal training writes its embedding file there)
+        for folder in ["models/checkpoints", "models/loras", "models/embeddings", "input", "output", "user",
+                       "custom_nodes"]:
             (base_dir / folder).mkdir(parents=True)
         (base_dir / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    return ComfyServer(host, find_host_python(host), base_dir, root / "comfyui.log", listen=listen)
+        # a test-only node that saves a CONDITIONING (test_pivotal_host.py reads encodings with it)
+        shutil.copy2(HERE / "save_conditioning.py", base_dir / "custom_nodes" / "save_conditioning.py")
+        own_dir = None
+    else:
+        own_dir = root
+    return ComfyServer(host, find_host_python(host), base_dir, root / "comfyui.log", listen=listen,
+                       build_cache=build_cache, own_dir=own_dir)
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run shares: the parent of the workers' popen-gwN basetemps."""
+    basetemp = tmp_path_factory.getbasetemp()
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    server = new_server(tmp_path_factory.mktemp("comfyui"))
+    """One server per worker; the host test modules that need no server of their own all run on it."""
+    server = new_server(tmp_path_factory.mktemp("comfyui"), build_cache=run_folder(tmp_path_factory))
     try:
         server.start()
         yield server

@@ -20,16 +20,41 @@ CHECKPOINT = "sd15_mini_random.safetensors"
 EXAMPLES = ("three_scene_lora", "three_scene_dreambooth", "rank_sweep")
 
 
-def ensure_test_inputs(server) -> None:
-    """A random-weight SD1.5-layout checkpoint in models/checkpoints (ComfyUI detects it as SD1.5)
-    and the sample subject photos in input/subject. Made once per server."""
+def build_test_checkpoint(path: Path) -> None:
+    """The random-weight SD1.5-layout checkpoint, written to `path` (build 10 s, save 2 s)."""
     import torch
 
     from training.models import build_random, save_single_file
 
+    save_single_file(build_random("sd15-mini", seed=1, dtype=torch.float16), path)
+
+
+def shared_test_checkpoint(folder: Path) -> Path:
+    """folder/CHECKPOINT, built by the first process that asks; the others (the second xdist worker) wait on a
+    lock file and take that one."""
+    import fcntl
+
+    path = folder / CHECKPOINT
+    with open(folder / f"{CHECKPOINT}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():  # written atomically: a file that is there is whole
+            build_test_checkpoint(path)
+    return path
+
+
+def ensure_test_inputs(server) -> None:
+    """A random-weight SD1.5-layout checkpoint in models/checkpoints (ComfyUI detects it as SD1.5)
+    and the sample subject photos in input/subject. Made once per server; with a server.build_cache the
+    checkpoint is built once per test run there and hard-linked into each server."""
     target = server.base_dir / "models" / "checkpoints" / CHECKPOINT
-    if not target.is_file():
-        save_single_file(build_random("sd15-mini", seed=1, dtype=torch.float16), target)
+    if not target.is_file() and server.build_cache is None:
+        build_test_checkpoint(target)
+    elif not target.is_file():
+        built = shared_test_checkpoint(server.build_cache)
+        try:
+            os.link(built, target)  # no test writes into it (writes are temp + rename)
+        except OSError:  # another file system
+            shutil.copy2(built, target)
     photos = server.base_dir / "input" / "subject"
     if not photos.is_dir():
         photos.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Test-only ComfyUI node (copied into a test server's custom_nodes/ by test_pivotal.py): writes a
+"""Test-only ComfyUI node (conftest.new_server copies it into each test server's custom_nodes/): writes a
 CONDITIONING's tensors to output/<name>.safetensors so a test can compare encodings exactly."""
 
 

@@ -1,6 +1,9 @@
-"""The ComfyUI server killed (SIGKILL) while Train Subject runs: a new server, queued the same graph,
-resumes from the last checkpoint and writes the LoRA an uninterrupted run writes, tensor for tensor;
-nothing half-written is left in models/ or output/."""
+"""The ComfyUI server killed (SIGKILL) while Train Subject runs: another server on the same folders, queued
+the same graph, resumes from the last checkpoint and writes the LoRA an uninterrupted run writes, tensor for
+tensor; nothing half-written is left in models/ or output/.
+
+The killed server runs on the session server's folders (its own database and temp folder), so the session
+server, which lists LoRAs and reads checkpoints from disk per prompt, is the one that resumes."""
 from __future__ import annotations
 
 import os
@@ -47,11 +50,11 @@ def half_written(base) -> list[str]:
     return bad
 
 
-def test_a_killed_server_resumes_and_matches_an_uninterrupted_run(tmp_path_factory):
+def test_a_killed_server_resumes_and_matches_an_uninterrupted_run(tmp_path_factory, comfy_server):
     from safetensors.torch import load_file
 
-    first = new_server(tmp_path_factory.mktemp("crash_first"))
-    ensure_test_inputs(first)
+    ensure_test_inputs(comfy_server)
+    first = new_server(tmp_path_factory.mktemp("crash_first"), base_dir=comfy_server.base_dir)
     prompt, train = train_prompt("crash_test")
     base = first.base_dir
     checkpoints = base / "output" / "dreambooth" / "runs" / "crash_test" / "checkpoints"
@@ -71,16 +74,12 @@ def test_a_killed_server_resumes_and_matches_an_uninterrupted_run(tmp_path_facto
     assert saved, f"no checkpoint within 600 s:\n{first.log_tail()}"
     assert not lora.exists() and saved[-1] < STEPS, "training finished before the kill; raise STEPS"
 
-    second = new_server(tmp_path_factory.mktemp("crash_second"), base_dir=base)
-    second.start()
-    try:
-        report = finished(second, prompt, train)
-        assert f"Resumed from step {saved[-1]}" in report, report
-        reference_prompt, _ = train_prompt("crash_reference")
-        reference_report = finished(second, reference_prompt, train)
-        assert "Resumed" not in reference_report, reference_report
-    finally:
-        second.stop()
+    second = comfy_server  # on the same folders, started before the kill
+    report = finished(second, prompt, train)
+    assert f"Resumed from step {saved[-1]}" in report, report
+    reference_prompt, _ = train_prompt("crash_reference")
+    reference_report = finished(second, reference_prompt, train)
+    assert "Resumed" not in reference_report, reference_report
     resumed, reference = load_file(lora), load_file(base / "models" / "loras" / "crash_reference.safetensors")
     assert resumed.keys() == reference.keys()
     different = [key for key in resumed if not resumed[key].equal(reference[key])]

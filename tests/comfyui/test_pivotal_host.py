@@ -3,35 +3,26 @@ and the standalone embedding file; after Load Subject LoRA the plain trigger wor
 in any CLIPTextEncode through the CLIP it returns (equal to `embedding:<file>`), other prompts and other CLIPs
 in the graph are unchanged; the core LoraLoader applies the LoRA weights and logs no "lora key not loaded".
 
-Conditioning is read out by a test-only node (save_conditioning.py, copied into this server's custom_nodes)."""
-import shutil
-from pathlib import Path
-
+Runs on the session server, as its own LoRA "pivotal_lora" (the three-scene test writes "subject_lora" there).
+Conditioning is read out by a test-only node (save_conditioning.py, which conftest puts in every test server's
+custom_nodes)."""
 import numpy as np
 import pytest
 import torch
-from conftest import new_server
 from host_helpers import CHECKPOINT, ensure_test_inputs, error_message, load_workflow, nodes_of, small_prompt
 from PIL import Image
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
-LORA = "subject_lora.safetensors"
-EMBEDDING = "subject_lora_embedding"  # Train Subject's standalone file in models/embeddings
+OUTPUT_NAME = "pivotal_lora"
+LORA = f"{OUTPUT_NAME}.safetensors"
+EMBEDDING = f"{OUTPUT_NAME}_embedding"  # Train Subject's standalone file in models/embeddings
 NOT_LOADED = "lora key not loaded"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = new_server(tmp_path_factory.mktemp("pivotal"))
-    shutil.copy2(HERE / "save_conditioning.py", server.base_dir / "custom_nodes" / "save_conditioning.py")
-    (server.base_dir / "models" / "embeddings").mkdir(parents=True)
-    try:
-        server.start()
-        ensure_test_inputs(server)
-        yield server
-    finally:
-        server.stop()
+def server(comfy_server):
+    ensure_test_inputs(comfy_server)
+    return comfy_server
 
 
 def run(server, prompt: dict, timeout: float = 900) -> dict:
@@ -42,16 +33,19 @@ def run(server, prompt: dict, timeout: float = 900) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(server):
-    """The three-scene LoRA example with pivotal_tokens 2, end to end (small): trains, loads, draws, scores."""
+    """The three-scene LoRA example with pivotal_tokens 2, end to end (small): trains, loads, draws, scores;
+    and the server's log from this run on."""
     api = load_workflow("three_scene_lora", api=True)
     train = nodes_of(api, "DreamBoothTrainSubject")[0]
+    log_before = server.log_text()
     # lr 1e-3: three Adam steps move the LoRA far enough to change a 64 px picture (the core-loader check)
-    entry = run(server, small_prompt(api, **{train: {"pivotal_tokens": 2, "learning_rate": 1e-3}}))
-    return api, entry
+    entry = run(server, small_prompt(api, **{train: {"pivotal_tokens": 2, "learning_rate": 1e-3,
+                                                     "output_name": OUTPUT_NAME}}))
+    return api, entry, log_before
 
 
 def test_the_pivotal_example_runs_and_writes_both_files(server, trained):
-    api, entry = trained
+    api, entry, log_before = trained
     lora = server.base_dir / "models" / "loras" / LORA
     embedding = server.base_dir / "models" / "embeddings" / f"{EMBEDDING}.safetensors"
     bundled = {k: v for k, v in load_file(str(lora)).items() if k.startswith("bundle_emb.")}
@@ -60,7 +54,7 @@ def test_the_pivotal_example_runs_and_writes_both_files(server, trained):
     loader = nodes_of(api, "DreamBoothLoadSubjectLoRA")[0]
     info = "\n".join(entry["outputs"][loader]["text"])
     assert "learned embedding: sks (2 vectors of 768" in info, info
-    assert NOT_LOADED not in server.log_text()
+    assert NOT_LOADED not in server.log_text()[len(log_before):]
     print(f"\nLoad Subject LoRA info:\n{info}")
 
 
