@@ -20,7 +20,8 @@ validation row: one validation there is 4 renders of 20 sampling steps of the fu
 
     python bench/bench_options.py                  # tiny: 40 steps per run, median of 3
     python bench/bench_options.py --layout sd15    # 3 steps per run (the first not timed), median of 2
-    python bench/bench_options.py --smoke          # a few steps, one run each: checks that every row runs
+    python bench/bench_options.py --smoke          # a few steps, one run each, all in this process: checks
+                                                   # that every row runs (its times are not a measurement)
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, Layout]
     parser.add_argument("--warmup", type=int, help="steps after the first that are not timed (tiny 3, sd15 0)")
     parser.add_argument("--validation-every", type=int, default=10, help="the validation row's validation_every")
     parser.add_argument("--smoke", action="store_true",
-                        help="one run each, no warm-up; tiny 4 steps, validation every 2; sd15 2 steps")
+                        help="one run each, no warm-up, every run in this process; tiny 4 steps, validation every 2; "
+                             "sd15 2 steps")
     args = parser.parse_args(argv)
     layout = LAYOUTS[args.layout]
     if args.smoke:
@@ -112,13 +114,18 @@ def one_run(base: str, dataset: str, out: str, steps: int, rank: int, resolution
     cfg = TrainConfig(base=base, instance_dir=dataset, output=out, steps=steps, rank=rank, resolution=resolution,
                       save_every=0, overwrite=True, resume=False, **options)
     started = time.perf_counter()
-    seconds = step_times(cfg, None)
+    try:
+        seconds = step_times(cfg, None)
+    finally:
+        IdentityTracker.score = real_score  # --smoke runs the next config in this process
     return {"step_s": seconds, "scored": scored, "run_s": time.perf_counter() - started,
             "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(base: str, dataset: Path, out: Path, steps: int, layout: Layout, options: dict) -> dict:
-    """One run in a fresh process (its own allocator, caches and peak memory)."""
+def measure(base: str, dataset: Path, out: Path, steps: int, layout: Layout, options: dict, fresh: bool = True) -> dict:
+    """One run in a fresh process (its own allocator, caches and peak memory); fresh=False (--smoke): in this one."""
+    if not fresh:
+        return one_run(base, str(dataset), str(out), steps, layout.rank, layout.resolution, options)
     return run_in_child("bench_options", f"one_run({base!r}, {str(dataset)!r}, {str(out)!r}, {steps}, {layout.rank}, "
                                          f"{layout.resolution}, json.loads({json.dumps(options)!r}))",
                         setup="import json;")
@@ -147,11 +154,15 @@ def main() -> None:
         base = "tiny"
         if args.layout == "sd15":
             base = str(random_sd15_file(work / "sd15.safetensors"))
+        if args.smoke:  # the runs' threads, as run_in_child sets them in a fresh process
+            import torch
+
+            torch.set_num_threads(THREADS)
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
         for repeat in range(args.repeats):
             for name, options, _ in configs:
                 out = work / f"{name.replace(' ', '_')}_{repeat}.safetensors"
-                runs[name].append(measure(base, dataset, out, args.steps, layout, options))
+                runs[name].append(measure(base, dataset, out, args.steps, layout, options, fresh=not args.smoke))
 
         def median_step(name: str) -> float:
             skip = validated if name == VALIDATION else set()
@@ -164,7 +175,8 @@ def main() -> None:
                                      for r, p in zip(runs[name], runs["plain"]))
 
         print(f"{layout.title} LoRA rank {layout.rank}, {layout.resolution} px, CPU, {THREADS} thread(s), "
-              f"{args.steps} steps per run (the first {args.warmup + 1} not timed), each config in a fresh process, "
+              f"{args.steps} steps per run (the first {args.warmup + 1} not timed), each config in "
+              f"{'this process (--smoke)' if args.smoke else 'a fresh process'}, "
               f"alternated, median of {args.repeats}; {regions} of {len(data.items)} prepared photos have a subject "
               "region")
         print(f"{'':24}{'ms/step':>9}{'vs plain':>10}{'goal':>7}")

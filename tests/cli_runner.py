@@ -3,19 +3,26 @@
 `run(argv, cwd=..., env=..., timeout=..., drop_dac=...)` has the contract of
 `subprocess.run([sys.executable, "-m", "training", *argv], capture_output=True, text=True, timeout=...)`:
 it returns a CompletedProcess (returncode, stdout, stderr) and raises subprocess.TimeoutExpired.
+`start(argv, cwd=..., env=..., stdout=..., stderr=..., text=...)` starts one and does not wait, as
+`subprocess.Popen([...], stdout=..., stderr=..., text=..., process_group=0)` would: the handle has pid,
+returncode, stdout/stderr (pipes where PIPE was asked for), poll(), wait(timeout), communicate(timeout),
+send_signal(), terminate() and kill(). The pid is the command's own process (its own process group), so a
+signal the test sends reaches the command as it would a fresh interpreter; a run killed by a signal gives
+-signum, an uncaught KeyboardInterrupt -SIGINT, as the interpreter does.
 
 One server process per test process is started on first use (`sys.executable`, PYTHONPATH=<repo root>).
 It imports training.cli and the heavy libraries but runs no torch op, so no OpenMP thread pool exists
 when it forks. For each request it forks a child that takes the request's environment, working folder,
-argv and fds 1/2 (temp files), optionally drops CAP_DAC_OVERRIDE/READ_SEARCH, and runs the `training`
-package as `__main__` exactly as `python -m training` does. A fresh interpreter is used instead when
+argv and fds 1/2 (temp files for run; for start the test's own pipes or files, passed over a Unix socket),
+optionally drops CAP_DAC_OVERRIDE/READ_SEARCH, and runs the `training` package as `__main__` exactly as
+`python -m training` does. A fresh interpreter is used instead when
 fork is unavailable (not Linux) or when the request changes an environment variable that a library
 reads only at import time (HF_*, TORCH*, OMP_*, locale, ...).
 A request's PYTHONPATH is taken as the interpreter takes it at startup: new folders on sys.path, and their
 sitecustomize.py run (a test's hooks, e.g. tests/test_crash_safety.py's slow or failing saves).
 
-Only calls that wait for a command to finish belong here: signal tests, the install test and tests that
-check what a fresh interpreter imports keep real subprocesses.
+Tests about what a fresh interpreter does (the install test, what an import pulls in) keep real
+subprocesses; so do commands other than `python -m training` (accelerate launch, the benchmarks).
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import base64
 import ctypes
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -99,6 +108,110 @@ def run(argv: list, cwd: Path | str = ROOT, env: dict | None = None, timeout: fl
     return subprocess.CompletedProcess(command, answer["returncode"], stdout, stderr)
 
 
+def start(argv: list, cwd: Path | str = ROOT, env: dict | None = None, stdout=None, stderr=None,
+          text: bool = False) -> "Started | subprocess.Popen":
+    """`python -m training *argv` started, not waited for, as subprocess.Popen(..., stdout=stdout,
+    stderr=stderr, text=text, process_group=0) starts it; stdout/stderr: None, PIPE, DEVNULL, STDOUT
+    (stderr), a file object or an fd."""
+    argv = [str(a) for a in argv]
+    env = dict(os.environ if env is None else env)
+    command = [sys.executable, "-m", "training", *argv]
+    if not _SERVER.usable(env):
+        return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                text=text, process_group=0)
+    return Started(command, {"argv": argv, "cwd": str(cwd), "env": env}, stdout, stderr, text)
+
+
+class Started:
+    """A forked `python -m training` that runs on its own: the part of subprocess.Popen's interface tests use.
+    The server reaps it only when asked (poll, wait), so its pid stays its own until the handle saw it end."""
+
+    def __init__(self, args: list[str], request: dict, stdout, stderr, text: bool):
+        self.args, self.returncode, self.stdout, self.stderr = args, None, None, None
+        self._readers: list[threading.Thread] | None = None
+        self._read: dict[str, object] = {}
+        targets, ours = [], []
+        try:
+            for name, spec, inherited in (("stdout", stdout, 1), ("stderr", stderr, 2)):
+                if spec == subprocess.PIPE:
+                    read_end, write_end = os.pipe()
+                    ours.append(write_end)
+                    targets.append(write_end)
+                    setattr(self, name, os.fdopen(read_end, "r" if text else "rb", **_text_options(text)))
+                elif spec == subprocess.DEVNULL:
+                    ours.append(os.open(os.devnull, os.O_WRONLY))
+                    targets.append(ours[-1])
+                elif spec == subprocess.STDOUT and name == "stderr":
+                    targets.append(targets[0])
+                elif spec is None:
+                    targets.append(inherited)
+                else:
+                    targets.append(spec if isinstance(spec, int) else spec.fileno())
+            self.pid = _SERVER.ask(request | {"op": "start"}, fds=targets)["pid"]
+        except BaseException:
+            for stream in (self.stdout, self.stderr):
+                if stream is not None:
+                    stream.close()
+            raise
+        finally:
+            for fd in ours:  # the child has its copies: EOF on a pipe once the child is gone
+                os.close(fd)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            answer = _SERVER.ask({"op": "wait", "pid": self.pid, "timeout": timeout})
+            if answer["returncode"] is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = answer["returncode"]
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:  # as Popen: never signal a pid that may have been reused
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input=None, timeout: float | None = None) -> tuple:
+        """Read the pipes to their end, then wait; (stdout, stderr) as Popen.communicate returns them."""
+        import time
+
+        if input is not None:
+            raise ValueError("the command's stdin is /dev/null")
+        if self._readers is None:
+            def read_all(name: str, stream) -> None:
+                self._read[name] = stream.read()
+                stream.close()
+
+            self._readers = [threading.Thread(target=read_all, args=(name, stream), daemon=True)
+                             for name, stream in (("stdout", self.stdout), ("stderr", self.stderr)) if stream]
+            for reader in self._readers:
+                reader.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for reader in self._readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._read.get("stdout"), self._read.get("stderr")
+
+
+def _text_options(text: bool) -> dict:
+    """What Popen(text=True) makes of a pipe: locale encoding, universal newlines."""
+    import locale
+
+    return {"encoding": locale.getpreferredencoding(False)} if text else {}
+
+
 def pipe_text(data: bytes) -> str:
     """What text=True makes of a pipe's bytes: locale encoding, universal newlines (\\r too)."""
     import locale
@@ -110,6 +223,7 @@ class _Server:
     def __init__(self):
         self.process: subprocess.Popen | None = None
         self.start_env: dict | None = None
+        self.fds: socket.socket | None = None  # carries a started command's stdout/stderr fds to the server
         self.lock = threading.Lock()
 
     def usable(self, env: dict) -> bool:
@@ -125,15 +239,22 @@ class _Server:
 
     def _start(self) -> None:
         self.start_env = self._server_env()
+        if self.fds is not None:
+            self.fds.close()
+        self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         code = ("import importlib.util as u; s = u.spec_from_file_location('cli_runner', %r); "
-                "m = u.module_from_spec(s); s.loader.exec_module(m); m.serve()" % str(Path(__file__).resolve()))
-        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=self.start_env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                "m = u.module_from_spec(s); s.loader.exec_module(m); m.serve(%d)"
+                % (str(Path(__file__).resolve()), theirs.fileno()))
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=self.start_env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(theirs.fileno(),))
 
-    def ask(self, request: dict) -> dict:
+    def ask(self, request: dict, fds: list[int] = ()) -> dict:
         with self.lock:
             if self.process is None or self.process.poll() is not None:
                 self._start()
+            if fds:
+                socket.send_fds(self.fds, [b"f"], list(fds))
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
             line = self.process.stdout.readline()
@@ -157,16 +278,36 @@ atexit.register(_SERVER.stop)
 # ---------------------------------------------------------------- the server side
 
 
-def serve() -> None:
-    """Read one JSON request a line from stdin, answer one JSON line on stdout, until stdin closes."""
+def serve(fd_socket: int | None = None) -> None:
+    """Read one JSON request a line from stdin, answer one JSON line on stdout, until stdin closes; a start
+    request's stdout/stderr fds come over the Unix socket `fd_socket`. Started commands still running when
+    stdin closes are killed."""
     requests, answers = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    fds = socket.socket(fileno=fd_socket) if fd_socket is not None else None
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)  # the child reads nothing of the protocol
     os.dup2(2, 1)
     _preload()
+    protocol_fds = (requests.fileno(), answers.fileno()) + ((fds.fileno(),) if fds else ())
+    started = set()
     for line in requests:
-        answers.write(json.dumps(_serve_one(json.loads(line), (requests.fileno(), answers.fileno()))).encode() + b"\n")
+        request = json.loads(line)
+        op = request.get("op", "run")
+        if op == "run":
+            answer = _serve_one(request, protocol_fds)
+        elif op == "start":
+            answer = {"pid": _start_one(request, socket.recv_fds(fds, 1, 2)[1], protocol_fds)}
+            started.add(answer["pid"])
+        else:  # wait
+            status = _wait(request["pid"], request["timeout"])
+            answer = {"returncode": None if status is None else os.waitstatus_to_exitcode(status)}
+            if status is not None:
+                started.discard(request["pid"])
+        answers.write(json.dumps(answer).encode() + b"\n")
         answers.flush()
+    for pid in started:
+        _kill_group(pid)
+        os.waitpid(pid, 0)
 
 
 def _preload() -> None:
@@ -192,45 +333,81 @@ def _preload() -> None:
             pass
 
 
-def _serve_one(request: dict, protocol_fds: tuple[int, int]) -> dict:
+def _wait(pid: int, timeout: float | None) -> int | None:
+    """The wait status of child `pid` once it ends within `timeout` seconds (None: no limit), else None."""
     import select
-    import shutil
-    import signal
-    import tempfile
     import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(0.01 if left is None else min(0.01, left))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the command and whatever it started."""
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+        except OSError:
+            pass
+
+
+def _fork(request: dict, outputs: tuple[int, int], preexec_path: str | None, protocol_fds: tuple) -> int:
+    """Fork the child that runs the request with `outputs` as its fds 1 and 2, in its own process group."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _child(request, outputs, preexec_path, protocol_fds)  # never returns
+    try:
+        os.setpgid(pid, pid)  # the child does it too: whichever runs first, the group exists on return
+    except OSError:
+        pass
+    return pid
+
+
+def _start_one(request: dict, outputs: list[int], protocol_fds: tuple) -> int:
+    """A child that runs on its own, writing to the test's fds; their copies here are closed."""
+    try:
+        return _fork(request | {"drop_dac": False}, (outputs[0], outputs[1]), None, protocol_fds)
+    finally:
+        for fd in outputs:
+            os.close(fd)
+
+
+def _serve_one(request: dict, protocol_fds: tuple) -> dict:
+    import shutil
+    import tempfile
 
     # not TemporaryDirectory: its atexit finalizer would run in the child and delete the outputs
     folder = tempfile.mkdtemp(prefix="cli_runner_")
     try:
         out_path, err_path, preexec_path = (os.path.join(folder, n) for n in ("stdout", "stderr", "preexec"))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request, out_path, err_path, preexec_path, protocol_fds)  # never returns
-        deadline = None if request["timeout"] is None else time.monotonic() + request["timeout"]
-        timed_out = False
-        pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                timed_out = True
-                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                    try:
-                        kill()
-                    except OSError:
-                        pass
-                _, status = os.waitpid(pid, 0)
-                break
-            if pidfd is not None:
-                select.select([pidfd], [], [], left)
-            else:
-                time.sleep(0.01 if left is None else min(0.01, left))
-        if pidfd is not None:
-            os.close(pidfd)
+        outputs = tuple(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) for path in (out_path, err_path))
+        try:
+            pid = _fork(request, outputs, preexec_path, protocol_fds)
+        finally:
+            for fd in outputs:
+                os.close(fd)
+        status = _wait(pid, request["timeout"])
+        timed_out = status is None
+        if timed_out:
+            _kill_group(pid)
+            _, status = os.waitpid(pid, 0)
         answer = {"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}
         for name, path in (("stdout", out_path), ("stderr", err_path)):
             answer[name] = base64.b64encode(Path(path).read_bytes() if os.path.exists(path) else b"").decode()
@@ -241,15 +418,15 @@ def _serve_one(request: dict, protocol_fds: tuple[int, int]) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _child(request: dict, out_path: str, err_path: str, preexec_path: str, protocol_fds: tuple[int, int]) -> None:
+def _child(request: dict, outputs: tuple[int, int], preexec_path: str | None, protocol_fds: tuple) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # a timeout kills the command and whatever it started
         for fd in protocol_fds:
             os.close(fd)
-        for fd, path in ((1, out_path), (2, err_path)):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        for fd, target in ((1, outputs[0]), (2, outputs[1])):
             os.dup2(target, fd)
+        for target in set(outputs) - {1, 2}:
             os.close(target)
         os.environ.clear()
         os.environ.update(request["env"])
@@ -265,11 +442,14 @@ def _child(request: dict, out_path: str, err_path: str, preexec_path: str, proto
                 Path(preexec_path).write_text(str(exc))
                 os._exit(255)
         code = _run_as_main(request["argv"])
-    except BaseException:  # noqa: BLE001 - the runner itself failed: say so on whatever stderr is now
+    except BaseException as exc:  # noqa: BLE001 - the runner itself failed: say so on whatever stderr is now
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
+        if isinstance(exc, KeyboardInterrupt):  # e.g. in a sitecustomize: ended by SIGINT, as an interpreter is
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
     finally:
         os._exit(code)
 
@@ -290,12 +470,14 @@ def _startup_path(pythonpath: str) -> None:
 
 
 def _run_as_main(argv: list[str]) -> int:
-    """`python -m training *argv` in this process: the exit code the interpreter would give."""
+    """`python -m training *argv` in this process: the exit code the interpreter would give (an uncaught
+    KeyboardInterrupt ends it by SIGINT, as the interpreter does since 3.8)."""
     import runpy
     import traceback
 
     sys.path[0] = os.getcwd()  # `python -m` puts the working folder first
     sys.argv = ["-m", *argv]
+    interrupted = False
     try:
         runpy.run_module("training", run_name="__main__", alter_sys=True)
         code = 0
@@ -307,9 +489,9 @@ def _run_as_main(argv: list[str]) -> int:
         else:
             print(done.code, file=sys.stderr)
             code = 1
-    except BaseException:  # noqa: BLE001 - as the interpreter does: traceback on stderr, exit 1
+    except BaseException as exc:  # noqa: BLE001 - as the interpreter does: traceback on stderr, exit 1
         traceback.print_exc()
-        code = 1
+        code, interrupted = 1, isinstance(exc, KeyboardInterrupt)
     try:
         if hasattr(threading, "_shutdown"):
             threading._shutdown()  # wait for non-daemon threads, as interpreter exit does
@@ -321,4 +503,7 @@ def _run_as_main(argv: list[str]) -> int:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return code

@@ -111,19 +111,21 @@ def assert_intact(before: dict[Path, str], *roots: Path) -> None:
 @dataclass
 class Shared:
     root: Path
-    dataset: Path  # prepared from the sample photos at 64 px (tiny's size)
+    dataset: Path  # prepared from the sample photos at 64 px (tiny's size): conftest's tiny_dataset
     lora: Path  # a rank-4 kohya LoRA for tiny
     tiny_file: Path  # tiny as a single-file checkpoint
 
+    @property
+    def roots(self) -> tuple[Path, Path]:
+        """The folders every shared input is in: a failed command must leave them as they were."""
+        return self.root, self.dataset
+
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, tiny_file) -> Shared:
-    from training.data import PrepareConfig, prepare_dataset
-
+def shared(tmp_path_factory, tiny_file, tiny_dataset) -> Shared:
     root = tmp_path_factory.mktemp("shared")
-    prepare_dataset(SUBJECT_PHOTOS, root / "dataset", PrepareConfig(resolution=64))
     lora = write_lora(root / "lora_r4.safetensors", rank=4)
-    return Shared(root, root / "dataset", lora, Path(tiny_file))
+    return Shared(root, Path(tiny_dataset), lora, Path(tiny_file))
 
 
 def write_lora(path: Path, rank: int = 4, metadata: dict | None = None, nan: bool = False) -> Path:
@@ -483,10 +485,10 @@ def test_bad_input_is_one_line_and_touches_nothing(case: Case, shared: Shared, t
     d.mkdir()
     try:
         argv = case.build(d, shared)
-        before = snapshot(d, shared.root)
+        before = snapshot(d, *shared.roots)
         run = cli(argv, drop_dac=case.drop_dac)
         assert_one_line_error(run, case.names)
-        assert_intact(before, d, shared.root)
+        assert_intact(before, d, *shared.roots)
         for name in case.never_created:
             assert not (d / name).exists(), f"{name} appeared: a pickle was unpickled"
     finally:

@@ -35,8 +35,7 @@ def train_argv(dataset: Path, out: Path, *extra) -> list[str]:
 
 
 def run(argv: list[str], text: bool = True) -> subprocess.CompletedProcess:
-    """A run waited for, through tests/cli_runner.py (a fork of a preloaded interpreter, stderr a file);
-    the runs that get a signal are fresh interpreters (stop_after_first_step)."""
+    """A run waited for, through tests/cli_runner.py (a fork of a preloaded interpreter, stderr a file)."""
     assert argv[:3] == [sys.executable, "-m", "training"], argv
     return cli_runner.run(argv[3:], cwd=ROOT, env=ENV, timeout=900, text=text)
 
@@ -51,8 +50,10 @@ def reference(tmp_path_factory, dataset) -> tuple[Path, str, bytes]:
 
 
 def stop_after_first_step(argv: list[str], signum: int) -> tuple[subprocess.CompletedProcess, str]:
-    """Start the run, send `signum` once its first training step is reported; (the finished process, stderr)."""
-    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Start the run (forked by tests/cli_runner.py, stdout and stderr pipes), send `signum` to it once its
+    first training step is reported; (the finished process, stderr)."""
+    assert argv[:3] == [sys.executable, "-m", "training"], argv
+    proc = cli_runner.start(argv[3:], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen, deadline = [], time.time() + 600
     for line in proc.stderr:  # plain lines: stderr is a pipe
         seen.append(line)

@@ -123,26 +123,26 @@ def env(hooks: Path, **extra: str) -> dict:
 
 
 def run(argv: list[str], hooks: Path, **extra: str) -> subprocess.CompletedProcess:
-    """A run waited for; one that kills itself (KILL_AFTER_STEP) is a fresh interpreter, the others go through
-    tests/cli_runner.py (a fork of a preloaded interpreter, the hooks run as its sitecustomize all the same)."""
-    if "KILL_AFTER_STEP" in extra:
-        return subprocess.run(argv, cwd=ROOT, env=env(hooks, **extra), capture_output=True, text=True, timeout=600)
+    """A run waited for, through tests/cli_runner.py (a fork of a preloaded interpreter, the hooks run as its
+    sitecustomize all the same); one that kills itself (KILL_AFTER_STEP) ends by SIGKILL as a fresh one would."""
     assert argv[:3] == [sys.executable, "-m", "training"], argv
     return cli_runner.run(argv[3:], cwd=ROOT, env=env(hooks, **extra), timeout=600)
 
 
-def start(argv: list[str], hooks: Path, logs: Path, **extra: str) -> subprocess.Popen:
+def start(argv: list[str], hooks: Path, logs: Path, **extra: str) -> cli_runner.Started:
+    """A run the test kills: forked by tests/cli_runner.py too, its stdout and stderr appended to `logs`."""
+    assert argv[:3] == [sys.executable, "-m", "training"], argv
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "ab") as out, open(logs / "stderr", "ab") as err:
-        return subprocess.Popen(argv, cwd=ROOT, env=env(hooks, **extra), stdout=out, stderr=err)
+        return cli_runner.start(argv[3:], cwd=ROOT, env=env(hooks, **extra), stdout=out, stderr=err)
 
 
-def kill(proc: subprocess.Popen) -> None:
+def kill(proc: cli_runner.Started) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
-def wait_for(condition, proc: subprocess.Popen, logs: Path, timeout: float = 300) -> None:
+def wait_for(condition, proc: cli_runner.Started, logs: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None:

@@ -161,8 +161,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(dataset, class_di
     done = cli_runner.run(cli[3:] + args + ["--output", str(ref)], cwd=ROOT)  # waited for: forked, as in cli_runner.py
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed.safetensors"
-    proc = subprocess.Popen(cli + args + ["--output", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = cli_runner.start(cli[3:] + args + ["--output", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # forked too; SIGKILL reaches that process
     checkpoints = tmp_path / "killed.safetensors.run" / "checkpoints"
     deadline = time.time() + 120
     while not list(checkpoints.glob("step_*.safetensors")) and time.time() < deadline and proc.poll() is None:
