@@ -92,6 +92,8 @@ def error_ratio(ours: dict, ref: dict) -> tuple[float, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--files", type=Path, metavar="DIR",
+                        help="keep the base/tuned pair in DIR and reuse it on the next run (about 4 GB)")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "BASE", "TUNED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -101,9 +103,14 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        base, tuned = make_pair(Path(tmp))
-        print(f"full SD1.5 layout, {len(extraction_targets('sd15'))} extracted layers, fp16 files made in "
-              f"{time.perf_counter() - start:.0f} s; torch {torch.__version__}, {THREADS} thread(s), "
+        folder = args.files or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        made = [folder / "base.safetensors", folder / "tuned.safetensors"]
+        reused = all(p.is_file() for p in made)
+        base, tuned = made if reused else make_pair(folder)
+        how = "reused from an earlier run" if reused else f"made in {time.perf_counter() - start:.0f} s"
+        print(f"full SD1.5 layout, {len(extraction_targets('sd15'))} extracted layers, fp16 files {how}; "
+              f"torch {torch.__version__}, {THREADS} thread(s), "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"{'rank':>4}  {'ours s':>8}  {'full-SVD s':>10}  {'speed-up':>8}  {'ours MiB':>8}  {'full MiB':>8}  "
               f"{'memory':>6}  worst error / optimal")

@@ -170,3 +170,46 @@ def test_dora_bases_kept_in_fp32_give_the_same_output_and_gradients_bit_for_bit(
     assert torch.equal(before, after) and len(grads) == len(grads_after) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_after))
     assert keep_dora_bases_in(unet, torch.float32) == 0
+
+
+def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside_when_disabled():
+    """The trainer's lean forward for plain LoRA Linears: outputs and every gradient equal peft's own forward;
+    with the adapters disabled peft's forward runs (the base's output); DoRA layers are left to peft."""
+    from training.trainable import lean_lora_linears
+
+    torch.manual_seed(0)
+    unet = build_tiny().unet.requires_grad_(False)
+    freeze_base_layers(unet, torch.float16, torch.float32)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["attn"]))
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape) * 0.1
+            p.requires_grad_(True)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 77, 32))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet.zero_grad(set_to_none=True)
+        out = unet(*args).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad for p in unet.parameters() if p.grad is not None]
+
+    before, grads = run()
+    lora_layers = sum(hasattr(m, "lora_A") for m in unet.modules())
+    assert lean_lora_linears(unet) == lora_layers > 0
+    after, grads_after = run()
+    assert torch.equal(before, after) and len(grads) == len(grads_after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_after))
+    assert lean_lora_linears(unet) == 0  # already lean
+    unet.disable_adapters()
+    with torch.no_grad():
+        disabled = unet(*args).sample
+    for module in unet.modules():
+        if hasattr(module, "lora_A"):
+            module.__class__ = module.__class__.__base__  # peft's own class again
+    with torch.no_grad():
+        assert torch.equal(disabled, unet(*args).sample) and not torch.equal(disabled, before)
+    unet.enable_adapters()
+
+    dora = build_tiny().unet.requires_grad_(False)
+    dora.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS["attn"], use_dora=True))
+    assert lean_lora_linears(dora) == 0

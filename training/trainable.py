@@ -2,9 +2,11 @@
 optimizer and the learning-rate schedule."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError
 from .frozen import freeze_base_layers, keep_dora_bases_in
@@ -84,6 +86,7 @@ def setup_trainable(cfg: TrainConfig, model: SDModel, embedding: torch.nn.Parame
         model.unet.add_adapter(lora_config(cfg, TARGETS[cfg.targets]))
         if cfg.dora and cfg.mixed_precision == "no":  # an fp16 base would be cast twice a forward
             keep_dora_bases_in(model.unet, torch.float32)
+        lean_lora_linears(model.unet)
         if cfg.train_text_encoder:
             inject_adapter_in_model(lora_config(cfg, TEXT_TARGETS), model.text_encoder)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -162,3 +165,41 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer):
 
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                          num_training_steps=cfg.steps)
+
+
+def lean_lora_linears(module: torch.nn.Module) -> int:
+    """Give every peft LoRA Linear of `module` with one plain adapter (no DoRA, no dropout, no LoRA bias) a
+    forward without peft's per-call bookkeeping (argument checks, the adapter loop, three sub-module calls:
+    tens of microseconds a layer, a few percent of a small model's step). It computes exactly what peft's
+    forward computes, and hands every other case (adapters disabled or merged, another adapter active, extra
+    arguments) to peft's own. The class is swapped, so isinstance checks and state dicts are unchanged.
+    Returns how many layers were swapped."""
+    lean = _lean_lora_linear()
+    swapped = 0
+    for layer in module.modules():
+        if (type(layer) is lean.__base__ and not layer.lora_variant and list(layer.lora_A) == ["default"]
+                and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+                and layer.lora_B["default"].bias is None and not layer.fan_in_fan_out):
+            layer.__class__ = lean
+            swapped += 1
+    return swapped
+
+
+@functools.cache
+def _lean_lora_linear() -> type:
+    from peft.tuners.lora import Linear
+
+    class LeanLoraLinear(Linear):
+        """peft's LoRA Linear; one plain "default" adapter computed directly (see lean_lora_linears)."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if (args or kwargs or self._disable_adapters or self.merged_adapters or self.lora_variant
+                    or self._active_adapter not in ("default", ["default"])):
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x)
+            down, up = self.lora_A["default"].weight, self.lora_B["default"].weight
+            if self.cast_input_dtype_enabled and x.dtype != down.dtype:
+                x = x.to(down.dtype)
+            return (result + F.linear(F.linear(x, down), up) * self.scaling["default"]).to(result.dtype)
+
+    return LeanLoraLinear
