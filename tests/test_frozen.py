@@ -140,6 +140,14 @@ def test_a_base_kept_in_fp16_hashes_as_the_same_base():
     assert weights_sha256(model) == before
 
 
+def output_and_gradients(unet, args: tuple) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward and backward of `unet` on `args` (fresh gradients): its output and every parameter's gradient."""
+    unet.zero_grad(set_to_none=True)
+    out = unet(*args).sample
+    out.square().mean().backward()
+    return out.detach(), [p.grad for p in unet.parameters() if p.grad is not None]
+
+
 def test_dora_bases_kept_in_fp32_give_the_same_output_and_gradients_bit_for_bit():
     """peft's DoRA casts its base weight every forward: an fp32 copy saves a cast and changes no number."""
     torch.manual_seed(0)
@@ -153,10 +161,7 @@ def test_dora_bases_kept_in_fp32_give_the_same_output_and_gradients_bit_for_bit(
     args = (torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 77, 32))
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        unet.zero_grad(set_to_none=True)
-        out = unet(*args).sample
-        out.square().mean().backward()
-        return out.detach(), [p.grad for p in unet.parameters() if p.grad is not None]
+        return output_and_gradients(unet, args)
 
     before, grads = run()
     dora_linears = sum(isinstance(m.get_base_layer(), FrozenLinear) for m in unet.modules()
@@ -188,10 +193,7 @@ def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside
     args = (torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 77, 32))
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        unet.zero_grad(set_to_none=True)
-        out = unet(*args).sample
-        out.square().mean().backward()
-        return out.detach(), [p.grad for p in unet.parameters() if p.grad is not None]
+        return output_and_gradients(unet, args)
 
     before, grads = run()
     lora_layers = sum(hasattr(m, "lora_A") for m in unet.modules())
