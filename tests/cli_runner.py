@@ -442,14 +442,11 @@ def _child(request: dict, outputs: tuple[int, int], preexec_path: str | None, pr
                 Path(preexec_path).write_text(str(exc))
                 os._exit(255)
         code = _run_as_main(request["argv"])
-    except BaseException as exc:  # noqa: BLE001 - the runner itself failed: say so on whatever stderr is now
+    except BaseException:  # noqa: BLE001 - the runner itself failed (a sitecustomize too, as at a fresh start): exit 1
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
-        if isinstance(exc, KeyboardInterrupt):  # e.g. in a sitecustomize: ended by SIGINT, as an interpreter is
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
     finally:
         os._exit(code)
 
@@ -504,6 +501,11 @@ def _run_as_main(argv: list[str]) -> int:
         except Exception:  # noqa: BLE001
             pass
     if interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        _end_by_sigint()
     return code
+
+
+def _end_by_sigint() -> None:
+    """End this process by SIGINT, as the interpreter ends on an uncaught KeyboardInterrupt (exit -2)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
