@@ -177,15 +177,17 @@ def test_dora_bases_kept_in_fp32_give_the_same_output_and_gradients_bit_for_bit(
     assert keep_dora_bases_in(unet, torch.float32) == 0
 
 
-def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside_when_disabled():
-    """The trainer's lean forward for plain LoRA Linears: outputs and every gradient equal peft's own forward;
-    with the adapters disabled peft's forward runs (the base's output); DoRA layers are left to peft."""
-    from training.trainable import lean_lora_linears
+@pytest.mark.parametrize("alpha", [4, 2])  # scale 2, and scale 1 (the multiply is left out)
+def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside_when_disabled(alpha):
+    """The trainer's lean forwards, for plain LoRA Linears and for diffusers' Attention: outputs and every
+    gradient equal peft's and diffusers' own forwards; with the adapters disabled peft's forward runs (the
+    base's output); DoRA layers are left to peft."""
+    from training.trainable import lean_attention, lean_lora_linears
 
     torch.manual_seed(0)
     unet = build_tiny().unet.requires_grad_(False)
     freeze_base_layers(unet, torch.float16, torch.float32)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["attn"]))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=alpha, target_modules=TARGETS["attn"]))
     for name, p in unet.named_parameters():
         if "lora_" in name:
             p.data = torch.randn(p.shape) * 0.1
@@ -202,6 +204,12 @@ def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside
     assert torch.equal(before, after) and len(grads) == len(grads_after) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_after))
     assert lean_lora_linears(unet) == 0  # already lean
+    attention = [m for m in unet.modules() if type(m).__name__ == "Attention"]
+    assert lean_attention(unet) == len(attention) > 0 and lean_attention(unet) == 0
+    lean_out, lean_grads = run()
+    assert torch.equal(before, lean_out) and all(torch.equal(a, b) for a, b in zip(grads, lean_grads))
+    with torch.no_grad():  # extra arguments go to diffusers' forward, which drops those the processor does not take
+        assert torch.equal(unet(*args, cross_attention_kwargs={"unused": 1}).sample, before.detach())
     unet.disable_adapters()
     with torch.no_grad():
         disabled = unet(*args).sample

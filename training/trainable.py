@@ -72,6 +72,7 @@ def setup_trainable(cfg: TrainConfig, model: SDModel, embedding: torch.nn.Parame
     """Freeze everything, then open what this method trains (and the new tokens' `embedding`, if any)."""
     for module in model.components().values():
         module.requires_grad_(False)
+    lean_attention(model.unet)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -200,6 +201,41 @@ def _lean_lora_linear() -> type:
             down, up = self.lora_A["default"].weight, self.lora_B["default"].weight
             if self.cast_input_dtype_enabled and x.dtype != down.dtype:
                 x = x.to(down.dtype)
-            return (result + F.linear(F.linear(x, down), up) * self.scaling["default"]).to(result.dtype)
+            update, scale = F.linear(F.linear(x, down), up), self.scaling["default"]
+            if scale != 1:  # x * 1.0 is x, bit for bit, in value and gradient: one op fewer each way
+                update = update * scale
+            return (result + update).to(result.dtype)
 
     return LeanLoraLinear
+
+
+def lean_attention(module: torch.nn.Module) -> int:
+    """Give every diffusers Attention of `module` a forward that calls its processor directly when no extra
+    keyword arguments are given (the training loop gives none). diffusers' own forward reads the processor's
+    signature with `inspect` on every call to drop arguments it does not take; with none to drop it then makes
+    the same call. Extra arguments (a pipeline's cross_attention_kwargs) go to diffusers' forward. The class
+    is swapped, so isinstance checks and state dicts are unchanged. Returns how many modules were swapped."""
+    lean = _lean_attention()
+    swapped = 0
+    for layer in module.modules():
+        if type(layer) is lean.__base__:
+            layer.__class__ = lean
+            swapped += 1
+    return swapped
+
+
+@functools.cache
+def _lean_attention() -> type:
+    from diffusers.models.attention_processor import Attention
+
+    class LeanAttention(Attention):
+        """diffusers' Attention; without extra arguments the processor is called directly (see lean_attention)."""
+
+        def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
+            if cross_attention_kwargs:
+                return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+            return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                  attention_mask=attention_mask)
+
+    return LeanAttention
