@@ -21,8 +21,10 @@ reads only at import time (HF_*, TORCH*, OMP_*, locale, ...).
 A request's PYTHONPATH is taken as the interpreter takes it at startup: new folders on sys.path, and their
 sitecustomize.py run (a test's hooks, e.g. tests/test_crash_safety.py's slow or failing saves).
 
+`run_script(script, argv, ...)` does the same for `python SCRIPT *argv` (the benchmarks' smoke modes).
+
 Tests about what a fresh interpreter does (the install test, what an import pulls in) keep real
-subprocesses; so do commands other than `python -m training` (accelerate launch, the benchmarks).
+subprocesses; so do other commands (accelerate launch).
 """
 from __future__ import annotations
 
@@ -91,14 +93,27 @@ def run(argv: list, cwd: Path | str = ROOT, env: dict | None = None, timeout: fl
         drop_dac: bool = False, text: bool = True) -> subprocess.CompletedProcess:
     """`python -m training *argv` as subprocess.run(..., capture_output=True, text=text) would run it
     (text=False: stdout and stderr as the bytes written, carriage returns kept)."""
+    return _run(None, argv, cwd, env, timeout, drop_dac, text)
+
+
+def run_script(script: Path | str, argv: list, cwd: Path | str = ROOT, env: dict | None = None,
+               timeout: float | None = None, text: bool = True) -> subprocess.CompletedProcess:
+    """`python SCRIPT *argv` (a benchmark's smoke mode) as subprocess.run(..., capture_output=True, text=text)
+    would run it: the script's folder first on sys.path, run as __main__."""
+    return _run(str(script), argv, cwd, env, timeout, False, text)
+
+
+def _run(script: str | None, argv: list, cwd: Path | str, env: dict | None, timeout: float | None,
+         drop_dac: bool, text: bool) -> subprocess.CompletedProcess:
     argv = [str(a) for a in argv]
     env = dict(os.environ if env is None else env)
-    command = [sys.executable, "-m", "training", *argv]
+    command = [sys.executable, *([script] if script else ["-m", "training"]), *argv]
     drop = drop_dac and hasattr(os, "geteuid") and os.geteuid() == 0
     if not _SERVER.usable(env):
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=text, timeout=timeout,
                               preexec_fn=without_dac_override if drop else None)
-    answer = _SERVER.ask({"argv": argv, "cwd": str(cwd), "env": env, "drop_dac": drop, "timeout": timeout})
+    answer = _SERVER.ask({"argv": argv, "script": script, "cwd": str(cwd), "env": env, "drop_dac": drop,
+                          "timeout": timeout})
     decode = pipe_text if text else bytes
     stdout, stderr = (decode(base64.b64decode(answer[name])) for name in ("stdout", "stderr"))
     if answer.get("preexec_error"):
@@ -441,7 +456,7 @@ def _child(request: dict, outputs: tuple[int, int], preexec_path: str | None, pr
             except Exception as exc:  # noqa: BLE001 - reported as subprocess reports a failed preexec_fn
                 Path(preexec_path).write_text(str(exc))
                 os._exit(255)
-        code = _run_as_main(request["argv"])
+        code = _run_as_main(request["argv"], request.get("script"))
     except BaseException:  # noqa: BLE001 - the runner itself failed (a sitecustomize too, as at a fresh start): exit 1
         import traceback
 
@@ -466,17 +481,21 @@ def _startup_path(pythonpath: str) -> None:
         importlib.import_module("sitecustomize")
 
 
-def _run_as_main(argv: list[str]) -> int:
-    """`python -m training *argv` in this process: the exit code the interpreter would give (an uncaught
-    KeyboardInterrupt ends it by SIGINT, as the interpreter does since 3.8)."""
+def _run_as_main(argv: list[str], script: str | None = None) -> int:
+    """`python -m training *argv` (or `python SCRIPT *argv`) in this process: the exit code the interpreter
+    would give (an uncaught KeyboardInterrupt ends it by SIGINT, as the interpreter does since 3.8)."""
     import runpy
     import traceback
 
-    sys.path[0] = os.getcwd()  # `python -m` puts the working folder first
-    sys.argv = ["-m", *argv]
+    # `python -m` puts the working folder first, `python SCRIPT` the script's folder
+    sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+    sys.argv = [script, *argv] if script else ["-m", *argv]
     interrupted = False
     try:
-        runpy.run_module("training", run_name="__main__", alter_sys=True)
+        if script:
+            runpy.run_path(script, run_name="__main__")
+        else:
+            runpy.run_module("training", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as done:
         if done.code is None:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import cli_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,8 +53,7 @@ def test_meter_times_only_steps_after_the_warmup():
 
 def test_smoke_prints_every_row_with_the_gpu_columns():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    run = cli_runner.run_script(ROOT / "bench" / "bench_gpu.py", ["--smoke"], cwd=ROOT, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     header, rows = parse_table(run.stdout)
     assert header == COLUMNS
@@ -80,8 +80,7 @@ def test_options_smoke_prints_every_option_against_plain_and_the_validation_cost
     from bench.bench_options import CONFIGS, VALIDATION
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_options.py"), "--smoke"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    run = cli_runner.run_script(ROOT / "bench" / "bench_options.py", ["--smoke"], cwd=ROOT, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     for name in [c[0] for c in CONFIGS] + [VALIDATION]:

@@ -2,9 +2,8 @@
 "lora key not loaded" line and changes the picture; our loader at rank 0 gives the same picture
 as the core LoraLoader, and at rank r the same as the core loader on the file `lora resize` wrote."""
 import hashlib
-import subprocess
-import sys
 
+import cli_runner
 import numpy as np
 import pytest
 import torch
@@ -28,14 +27,23 @@ def loras(comfy_server):
                                      torch.randn(out_features, 8, generator=gen) * 0.05, 8.0)
     trained = write_kohya(LoraFile(layers, family="sd15-mini"), folder / "ours_r8.safetensors")
     resized = folder / "ours_r2.safetensors"
-    run = subprocess.run([sys.executable, "-m", "training", "lora", "resize", str(trained), "--rank", "2",
-                          "--out", str(resized)], capture_output=True, text=True, cwd=ROOT)
+    run = cli_runner.run(["lora", "resize", trained, "--rank", "2", "--out", resized], cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     return trained.name, resized.name, len(layers)
 
 
+_SAMPLED: dict[tuple, np.ndarray] = {}  # (server url, prompt) -> picture: the tests compare some pictures twice
+
+
 def sample(server, lora_nodes: dict, model_from: tuple[str, int], clip_from: tuple[str, int]) -> np.ndarray:
-    """One 64 px picture, 2 steps, fixed seed, through the given LoRA nodes."""
+    """One 64 px picture, 2 steps, fixed seed, through the given LoRA nodes (sampled once per server)."""
+    key = (server.url, repr((lora_nodes, model_from, clip_from)))
+    if key not in _SAMPLED:
+        _SAMPLED[key] = _sample(server, lora_nodes, model_from, clip_from)
+    return _SAMPLED[key].copy()
+
+
+def _sample(server, lora_nodes: dict, model_from: tuple[str, int], clip_from: tuple[str, int]) -> np.ndarray:
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         **lora_nodes,
