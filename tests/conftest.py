@@ -70,6 +70,38 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Modules whose module fixtures are expensive (a training run, a CLI reference run, dlib's detections, the
+# 2 GB full-size file, the tiny CLIP/DINO scorers): under `--dist loadgroup` each runs on one worker, so those
+# fixtures are made once a run instead of once per worker (tests/comfyui/conftest.py groups the host modules).
+SHARED_FIXTURE_MODULES = {"test_cli_train", "test_crash_safety", "test_evaluate", "test_face_descriptor",
+                          "test_identity", "test_models"}
+
+
+@pytest.hookimpl(tryfirst=True)  # the marks must be there when xdist's own hook reads them
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = Path(item.path).stem
+        if module in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_xdist_groups(config, items):  # pytest registers only pytest_* names
+    """xdist 3.8 tells its scheduler an item's group by renaming item._nodeid to "<id>@<group>"; pytest 9.2 keeps
+    the id in item._id and ignores that (pytest-xdist#1386), so every test was scheduled alone. Rename it here,
+    after xdist's hook, where xdist's rename did not take (a fixed xdist leaves nothing to do)."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
+        return
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId  # pytest 9.2's structured ids; older ones took xdist's rename
+
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 def pytest_sessionstart(session):
     """Under xdist the workers collect, so their `tests/comfyui skipped: ...` line never reaches the
     terminal: the controller says it here instead."""

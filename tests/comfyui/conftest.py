@@ -66,23 +66,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
-def pytest_collection_modifyitems_xdist_groups(config, items):  # pytest registers only pytest_* names
-    """xdist 3.8 tells its scheduler an item's group by renaming item._nodeid to "<id>@<group>"; pytest 9.2 keeps
-    the id in item._id and ignores that (pytest-xdist#1386), so every test was scheduled alone. Rename it here,
-    after xdist's hook, where xdist's rename did not take (a fixed xdist leaves nothing to do)."""
-    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
-        return
-    for item in items:
-        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-                         for mark in item.iter_markers("xdist_group")})
-        suffix = "@" + "_".join(groups)
-        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
-            from _pytest.nodeid import NodeId  # pytest 9.2's structured ids; older ones took xdist's rename
-
-            item._id = NodeId.parse(item.nodeid + suffix)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
