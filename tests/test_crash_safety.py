@@ -58,8 +58,10 @@ if any(os.environ.get(k) for k in ("SLOW_SAVE_MATCH", "FAIL_SAVE_MATCH", "KILL_A
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     def _stall():
-        with open(os.environ["SLOW_SAVE_MARKER"], "w") as marker:
-            marker.write(str(_stall.filename))
+        marker = os.environ["SLOW_SAVE_MARKER"]
+        with open(marker + ".part", "w") as part:  # renamed whole: the test reads it as soon as it exists
+            part.write(str(_stall.filename))
+        os.replace(marker + ".part", marker)
         time.sleep(600)  # the test kills us here, half the file written
 
     def _save_file(tensors, filename, metadata=None):
