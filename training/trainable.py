@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -175,12 +176,17 @@ def lean_lora_linears(module: torch.nn.Module) -> int:
     forward computes, and hands every other case (adapters disabled or merged, another adapter active, extra
     arguments) to peft's own. The class is swapped, so isinstance checks and state dicts are unchanged.
     Returns how many layers were swapped."""
-    lean = _lean_lora_linear()
+    return _swap_classes(module, _lean_lora_linear(), lambda layer: (
+        not layer.lora_variant and list(layer.lora_A) == ["default"]
+        and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+        and layer.lora_B["default"].bias is None and not layer.fan_in_fan_out))
+
+
+def _swap_classes(module: torch.nn.Module, lean: type, eligible: Callable[[torch.nn.Module], bool]) -> int:
+    """Make every eligible sub-module whose class is exactly `lean`'s base an instance of `lean`; how many."""
     swapped = 0
     for layer in module.modules():
-        if (type(layer) is lean.__base__ and not layer.lora_variant and list(layer.lora_A) == ["default"]
-                and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
-                and layer.lora_B["default"].bias is None and not layer.fan_in_fan_out):
+        if type(layer) is lean.__base__ and eligible(layer):
             layer.__class__ = lean
             swapped += 1
     return swapped
@@ -215,13 +221,7 @@ def lean_attention(module: torch.nn.Module) -> int:
     signature with `inspect` on every call to drop arguments it does not take; with none to drop it then makes
     the same call. Extra arguments (a pipeline's cross_attention_kwargs) go to diffusers' forward. The class
     is swapped, so isinstance checks and state dicts are unchanged. Returns how many modules were swapped."""
-    lean = _lean_attention()
-    swapped = 0
-    for layer in module.modules():
-        if type(layer) is lean.__base__:
-            layer.__class__ = lean
-            swapped += 1
-    return swapped
+    return _swap_classes(module, _lean_attention(), lambda layer: True)
 
 
 @functools.cache
