@@ -103,11 +103,16 @@ def run_script(script: Path | str, argv: list, cwd: Path | str = ROOT, env: dict
     return _run(str(script), argv, cwd, env, timeout, False, text)
 
 
+def _command(script: str | None, argv: list, env: dict | None) -> tuple[list[str], dict, list[str]]:
+    """(argv as strings, the environment, the command line a fresh interpreter would get)."""
+    argv = [str(a) for a in argv]
+    return argv, dict(os.environ if env is None else env), [sys.executable, *([script] if script else
+                                                                              ["-m", "training"]), *argv]
+
+
 def _run(script: str | None, argv: list, cwd: Path | str, env: dict | None, timeout: float | None,
          drop_dac: bool, text: bool) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    env = dict(os.environ if env is None else env)
-    command = [sys.executable, *([script] if script else ["-m", "training"]), *argv]
+    argv, env, command = _command(script, argv, env)
     drop = drop_dac and hasattr(os, "geteuid") and os.geteuid() == 0
     if not _SERVER.usable(env):
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=text, timeout=timeout,
@@ -128,9 +133,7 @@ def start(argv: list, cwd: Path | str = ROOT, env: dict | None = None, stdout=No
     """`python -m training *argv` started, not waited for, as subprocess.Popen(..., stdout=stdout,
     stderr=stderr, text=text, process_group=0) starts it; stdout/stderr: None, PIPE, DEVNULL, STDOUT
     (stderr), a file object or an fd."""
-    argv = [str(a) for a in argv]
-    env = dict(os.environ if env is None else env)
-    command = [sys.executable, "-m", "training", *argv]
+    argv, env, command = _command(None, argv, env)
     if not _SERVER.usable(env):
         return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 text=text, process_group=0)

@@ -1,5 +1,6 @@
 """Frozen base layers (training/frozen.py): the same numbers as plain layers, less kept for backward."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -208,8 +209,20 @@ def test_lean_lora_linears_compute_what_peft_computes_bit_for_bit_and_step_aside
     assert lean_attention(unet) == len(attention) > 0 and lean_attention(unet) == 0
     lean_out, lean_grads = run()
     assert torch.equal(before, lean_out) and all(torch.equal(a, b) for a, b in zip(grads, lean_grads))
-    with torch.no_grad():  # extra arguments go to diffusers' forward, which drops those the processor does not take
-        assert torch.equal(unet(*args, cross_attention_kwargs={"unused": 1}).sample, before.detach())
+    # extra arguments go to diffusers' own forward, which drops (and names) those the processor does not take
+    said = []
+    log, handler = logging.getLogger("diffusers.models.attention_processor"), logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    level = log.level
+    log.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with torch.no_grad():
+            assert torch.equal(unet(*args, cross_attention_kwargs={"unused": 1}).sample, before.detach())
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert len(said) == len(attention) and all("['unused'] are not expected" in m for m in said), said
     unet.disable_adapters()
     with torch.no_grad():
         disabled = unet(*args).sample

@@ -47,14 +47,15 @@ def ensure_test_inputs(server) -> None:
     and the sample subject photos in input/subject. Made once per server; with a server.build_cache the
     checkpoint is built once per test run there and hard-linked into each server."""
     target = server.base_dir / "models" / "checkpoints" / CHECKPOINT
-    if not target.is_file() and server.build_cache is None:
-        build_test_checkpoint(target)
-    elif not target.is_file():
-        built = shared_test_checkpoint(server.build_cache)
-        try:
-            os.link(built, target)  # no test writes into it (writes are temp + rename)
-        except OSError:  # another file system
-            shutil.copy2(built, target)
+    if not target.is_file():
+        if server.build_cache is None:
+            build_test_checkpoint(target)
+        else:
+            built = shared_test_checkpoint(server.build_cache)
+            try:
+                os.link(built, target)  # no test writes into it (writes are temp + rename)
+            except OSError:  # another file system
+                shutil.copy2(built, target)
     photos = server.base_dir / "input" / "subject"
     if not photos.is_dir():
         photos.mkdir(parents=True)
