@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # read by a library at import time: a request that changes one of these gets a fresh interpreter
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_",
                    "KMP_", "CUDA_", "ACCELERATE_", "TQDM_", "PYTHON", "LANG", "LC_", "XDG_CACHE_HOME")
+# written into os.environ by a library in the test process itself, to the value it uses when unset (torch's
+# inductor, on first use: a test module's env captured before that differs from the server's only there)
+SELF_SET_ENV = ("TORCHINDUCTOR_CACHE_DIR",)
 PRELOAD = ("torch", "numpy", "PIL.Image", "safetensors.torch", "accelerate", "peft", "peft.utils", "transformers",
            "diffusers", "diffusers.optimization", "diffusers.loaders.single_file_utils")
 PRELOAD_NAMES = {
@@ -248,7 +251,7 @@ class _Server:
         if not (sys.platform.startswith("linux") and hasattr(os, "fork")) or os.environ.get("CLI_RUNNER") == "off":
             return False
         base = self.start_env if self.start_env is not None else self._server_env()
-        changed = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} - {"PYTHONPATH"}
+        changed = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} - {"PYTHONPATH", *SELF_SET_ENV}
         return not any(k.startswith(IMPORT_TIME_ENV) for k in changed)
 
     @staticmethod
