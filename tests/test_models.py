@@ -39,6 +39,25 @@ def test_tiny_is_deterministic_and_real_tokenizer():
     assert list(a.unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 
 
+def test_tiny_built_again_is_an_independent_copy_of_the_same_weights():
+    """From the third build of a seed on, build_tiny copies the modules it kept at the second: equal to a fresh
+    build, and nothing done to one copy (its weights, its tokenizer's new tokens) reaches the next."""
+    from training.models import build_random
+
+    fresh = build_random("tiny", 5)
+    built = [build_tiny(5) for _ in range(3)]
+    with torch.no_grad():
+        built[2].unet.conv_in.weight.add_(1.0)
+    built[2].tokenizer.add_tokens(["<new-token>"])
+    after = build_tiny(5)
+    for model in built[:2] + [after]:
+        assert_same_weights(model, fresh)
+    assert len(after.tokenizer) == len(fresh.tokenizer) == 49408
+    assert after.scheduler_config == fresh.scheduler_config and after.scheduler_config is not built[2].scheduler_config
+    assert (after.family, after.source, after.source_kind) == (fresh.family, fresh.source, fresh.source_kind)
+    assert after.unet is not built[2].unet and after.text_encoder is not built[2].text_encoder
+
+
 def test_tiny_single_file_round_trip_is_bit_identical(tiny, tiny_file, tmp_path):
     original = load_file(str(tiny_file))
     loaded = load_model(tiny_file)
