@@ -215,23 +215,30 @@ def _fill_random(module: torch.nn.Module, generator: torch.Generator) -> None:
             buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
 
 
-_TINY_BUILT: dict[int, tuple | None] = {}  # seed -> None once built here, then the modules kept for copies
+_TINY_BUILT: set[int] = set()  # seeds built once in this process
+_TINY_KEPT: dict[int, SDModel] = {}  # seeds built twice: a copy (no tokenizer) that later calls copy
 
 
 def build_tiny(seed: int = TINY_SEED) -> SDModel:
     """The embedded random-weight `tiny` model (pictures from it are noise). A process that builds it a
     second time keeps a copy of its modules; from then on each call gets deep copies of those and a
     tokenizer of its own (pivotal tuning adds tokens to it), in about half the time of a build."""
-    import copy
+    if seed in _TINY_KEPT:
+        return _copy_modules(_TINY_KEPT[seed], load_tokenizer())
+    model = build_random("tiny", seed)
+    if seed in _TINY_BUILT:
+        _TINY_KEPT[seed] = _copy_modules(model, None)
+    _TINY_BUILT.add(seed)  # a one-off run (the CLI) pays no copy
+    return model
 
-    kept = _TINY_BUILT.get(seed)
-    if kept is None:
-        model = build_random("tiny", seed)
-        _TINY_BUILT[seed] = copy.deepcopy((model.unet, model.vae, model.text_encoder, model.scheduler_config)) \
-            if seed in _TINY_BUILT else None  # a one-off run (the CLI) pays no copy
-        return model
-    unet, vae, text_encoder, scheduler_config = copy.deepcopy(kept)
-    return SDModel(unet, vae, text_encoder, load_tokenizer(), scheduler_config, "tiny", "tiny", "random")
+
+def _copy_modules(model: SDModel, tokenizer) -> SDModel:
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(model, unet=copy.deepcopy(model.unet), vae=copy.deepcopy(model.vae),
+                               text_encoder=copy.deepcopy(model.text_encoder), tokenizer=tokenizer,
+                               scheduler_config=copy.deepcopy(model.scheduler_config), _sha256="")
 
 
 def load_model(base: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -99,12 +99,12 @@ def directory_args(host: Path, base: Path, own: Path | None = None) -> list[str]
     return args
 
 
-def backoff(first: float = 0.01, longest: float = 0.2):
-    """Pauses between polls: short at first (most prompts of the bad-input matrix end in ~20 ms, and
-    a fixed 0.5 s pause idled a core for most of each case), then at most `longest` (a poll costs
-    the server ~1 ms)."""
-    pause = first
-    while True:
+def backoff(seconds: float, first: float = 0.01, longest: float = 0.2):
+    """Pauses between polls for `seconds`: short at first (most prompts of the bad-input matrix end in
+    ~20 ms, and a fixed 0.5 s pause idled a core for most of each case), then at most `longest` (a poll
+    costs the server ~1 ms). Ends once the time is up."""
+    deadline, pause = time.monotonic() + seconds, first
+    while time.monotonic() < deadline:
         yield pause
         pause = min(longest, pause * 1.5)
 
@@ -131,10 +131,7 @@ class ComfyServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.host, env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for pause in backoff():
-            if time.monotonic() > deadline:
-                break
+        for pause in backoff(STARTUP_TIMEOUT_S):
             if self.process.poll() is not None:
                 pytest.fail(f"ComfyUI exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
@@ -172,10 +169,7 @@ class ComfyServer:
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
         """The /history entry of a finished prompt: its "status" and "outputs"."""
-        deadline = time.monotonic() + timeout
-        for pause in backoff():
-            if time.monotonic() > deadline:
-                break
+        for pause in backoff(timeout):
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history:  # an entry appears only once the prompt is done
                 return history[prompt_id]
