@@ -6,7 +6,7 @@ layers) a DreamBooth-like change: a rank-16 signal with a decaying spectrum plus
 noise, 2% of the weight's norm. Then, at each rank, in its own fresh process:
 
 - ours: `training.lora.extract` (randomized range finder with power iterations, layers of one
-  shape batched);
+  shape batched; its products in bfloat16 where the CPU has AMX, else float32: `--products`);
 - reference: `extract(..., exact=True)`: `torch.linalg.svd` of each full m x n difference, what
   kohya's extract_lora_from_models.py and our previous version do.
 
@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.bench_lora_resize import PeakMemory  # noqa: E402
 from training.lora import extract, extraction_targets  # noqa: E402
+from training.lora.extract import fast_product_dtype  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
@@ -62,8 +63,10 @@ def make_pair(folder: Path) -> tuple[Path, Path]:
     return base, tuned
 
 
-def run_child(method: str, base: str, tuned: str, rank: int) -> None:
+def run_child(method: str, base: str, tuned: str, rank: int, products: str) -> None:
     torch.set_num_threads(THREADS)
+    if products != "auto":  # e.g. float32: what a CPU without AMX gets (the library picks by the CPU alone)
+        sys.modules["training.lora.extract"].fast_product_dtype = lambda: getattr(torch, products)
     with PeakMemory() as memory:
         start = time.perf_counter()
         lora, reports = extract(base, tuned, rank=rank, exact=method == "reference")
@@ -72,9 +75,10 @@ def run_child(method: str, base: str, tuned: str, rank: int) -> None:
                       "kept": {rep.name: rep.kept for rep in reports}}))
 
 
-def measure(method: str, base: Path, tuned: Path, rank: int) -> dict:
+def measure(method: str, base: Path, tuned: Path, rank: int, products: str) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed big blocks go back to the OS: RSS shows each peak
-    cmd = [sys.executable, __file__, "--child", method, str(base), str(tuned), "--ranks", str(rank)]
+    cmd = [sys.executable, __file__, "--child", method, str(base), str(tuned), "--ranks", str(rank),
+           "--products", products]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -94,10 +98,12 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--files", type=Path, metavar="DIR",
                         help="keep the base/tuned pair in DIR and reuse it on the next run (about 4 GB)")
+    parser.add_argument("--products", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the fast sketch's products (default: bfloat16 where the CPU has AMX, else float32)")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "BASE", "TUNED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(*args.child, rank=args.ranks[0])
+        run_child(*args.child, rank=args.ranks[0], products=args.products)
         return 0
 
     ok = True
@@ -108,15 +114,16 @@ def main() -> int:
         made = [folder / "base.safetensors", folder / "tuned.safetensors"]
         reused = all(p.is_file() for p in made)
         base, tuned = made if reused else make_pair(folder)
+        products = str(fast_product_dtype() if args.products == "auto" else args.products).replace("torch.", "")
         how = "reused from an earlier run" if reused else f"made in {time.perf_counter() - start:.0f} s"
         print(f"full SD1.5 layout, {len(extraction_targets('sd15'))} extracted layers, fp16 files {how}; "
-              f"torch {torch.__version__}, {THREADS} thread(s), "
+              f"torch {torch.__version__}, {THREADS} thread(s), sketch products in {products}, "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"{'rank':>4}  {'ours s':>8}  {'full-SVD s':>10}  {'speed-up':>8}  {'ours MiB':>8}  {'full MiB':>8}  "
               f"{'memory':>6}  worst error / optimal")
         for rank in args.ranks:
-            ours = measure("ours", base, tuned, rank)
-            ref = measure("reference", base, tuned, rank)
+            ours = measure("ours", base, tuned, rank, args.products)
+            ref = measure("reference", base, tuned, rank, args.products)
             speedup = ref["seconds"] / ours["seconds"]
             memory = ours["peak_mib"] / ref["peak_mib"]
             worst, name = error_ratio(ours, ref)

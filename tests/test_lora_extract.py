@@ -102,13 +102,17 @@ def dreambooth_like_change(m: int, n: int, signal_rank: int, signal_share: float
 SD15_SHAPES = [(320, 320), (640, 2560), (1280, 1280), (320, 320 * 9)]
 
 
+# the fast sketch's products in both dtypes it picks from (bfloat16 where the CPU has AMX), whichever this CPU has
+@pytest.mark.parametrize("products", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n", SD15_SHAPES)
-def test_sketched_factors_are_within_one_percent_of_the_optimal_truncation(m, n, one_torch_thread):
+def test_sketched_factors_are_within_one_percent_of_the_optimal_truncation(m, n, products, one_torch_thread):
     changes = torch.stack([dreambooth_like_change(m, n, 16, 0.8, seed=m + n),  # a clear subject signal
-                           dreambooth_like_change(m, n, 8, 0.4, seed=m * n)])  # mostly noise
+                           dreambooth_like_change(m, n, 8, 0.4, seed=m * n),  # mostly noise
+                           dreambooth_like_change(m, n, 16, 1 - 5e-9, seed=m - n)])  # the precise sketch's case
     exact = [torch.linalg.svdvals(change.double()) for change in changes]
     for rank in (4, 16, 64):
-        factors = factor_sketched(["a", "b"], changes, [(m, n)] * 2, rank, None, torch.Generator().manual_seed(0))
+        factors = factor_sketched(["a", "b", "c"], changes, [(m, n)] * 3, rank, None, torch.Generator().manual_seed(0),
+                                  products)
         for change, values, (layer, report) in zip(changes, exact, factors):
             optimal = float(values[rank:].square().sum().sqrt())
             error = float((layer.delta(torch.float64) - change.double()).norm())
