@@ -209,13 +209,11 @@ def fast_product_dtype() -> torch.dtype:
 
 def sketched_svd(matrices: torch.Tensor, width: int, generator: torch.Generator, products: torch.dtype | None,
                  power_iterations: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top `width` singular triplets of each matrix in `[b, m, n]`, by a randomized range finder with power
-    iterations (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1): U [b, m, w], S [b, w], Vh [b, w, n].
-
-    `products`: the dtype of the power iterations' products, each half step orthonormalized through the Cholesky
-    factor of its Gram matrix (fast); None: float32 products and a Householder QR each half step (precise). Either
-    way the last half step is float32, and the result is the change projected onto the row space found: its
-    SVD is taken from `matrices @ co_basis` (m x w), so no further pass over the change is needed."""
+    """The top `width` singular triplets of each matrix in `[b, m, n]` (Halko, Martinsson & Tropp 2011, 4.4 and
+    5.1): U [b, m, w], S [b, w], Vh [b, w, n]. `products`: the dtype of the fast sketch; None: the precise one."""
+    # fast: products in `products`, each half step orthonormalized by a Cholesky factor; precise: fp32 and Householder
+    # QRs. Either way the last half step is fp32 and Householder, and the result is the change projected onto the row
+    # space found, its SVD taken from `matrices @ co_basis` (m x w): no further pass over the change.
     b, m, n = matrices.shape
     fast = products is not None
     orthonormal, low = (_cholesky_orthonormal, matrices.to(products)) if fast else (_householder, matrices)
@@ -235,9 +233,9 @@ def _householder(columns: torch.Tensor) -> torch.Tensor:
 
 
 def _cholesky_orthonormal(columns: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of each `[m, w]` block's columns: 2-3x cheaper than a Householder QR. The Gram matrix
-    is shifted by 1e-6 of its trace, so directions below ~1e-3 of the norm are damped, not resolved (see
-    FAST_MIN_RESIDUAL); where the factor still fails, the Householder QR."""
+    """An orthonormal basis of each `[m, w]` block's columns, 2-3x cheaper than a Householder QR."""
+    # The Gram matrix is shifted by 1e-6 of its trace, so directions below ~1e-3 of the norm are damped, not
+    # resolved (see FAST_MIN_RESIDUAL); where the factor still fails, the Householder QR.
     gram = columns.mT @ columns
     diagonal = gram.diagonal(dim1=1, dim2=2)
     diagonal.add_(diagonal.sum(dim=1, keepdim=True) * 1e-6 + 1e-30)
@@ -250,11 +248,11 @@ def _cholesky_orthonormal(columns: torch.Tensor) -> torch.Tensor:
 def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[int, ...]], rank: int | None,
                     keep_energy: float | None, generator: torch.Generator,
                     fast_products: torch.dtype | None = None) -> list[tuple[LoraLayer, LayerResize]]:
-    """Rank `rank` (and/or `keep_energy`) factors of each change. The kept fraction is measured against
-    the exact Frobenius norm; with --keep-energy alone the sketch grows until it holds that fraction, and
-    a change that needs more than a quarter of its full rank gets the exact SVD. `fast_products`: the
-    fast sketch's dtype (default `fast_product_dtype()`); a change it leaves less than FAST_MIN_RESIDUAL
-    of is sketched again the precise way."""
+    """Rank `rank` (and/or `keep_energy`) factors of each change, its kept fraction against the exact norm;
+    `fast_products`: the fast sketch's dtype (default `fast_product_dtype()`)."""
+    # With --keep-energy alone the sketch grows until it holds that fraction; a change that needs more than a
+    # quarter of its full rank gets the exact SVD, and one the fast sketch leaves under FAST_MIN_RESIDUAL of is
+    # sketched again the precise way.
     _, m, n = diffs.shape
     full = min(m, n)
     fast_products = fast_product_dtype() if fast_products is None else fast_products
