@@ -207,15 +207,15 @@ def fast_product_dtype() -> torch.dtype:
     return torch.bfloat16 if has_amx is not None and has_amx() else torch.float32
 
 
-def sketched_svd(matrices: torch.Tensor, width: int, generator: torch.Generator, products: torch.dtype | None,
+def sketched_svd(matrices: torch.Tensor, width: int, generator: torch.Generator, fast: bool = True,
+                 products: torch.dtype = torch.float32,
                  power_iterations: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top `width` singular triplets of each matrix in `[b, m, n]` (Halko, Martinsson & Tropp 2011, 4.4 and
-    5.1): U [b, m, w], S [b, w], Vh [b, w, n]. `products`: the dtype of the fast sketch; None: the precise one."""
+    5.1): U [b, m, w], S [b, w], Vh [b, w, n]. `products`: the fast sketch's dtype for the power iterations."""
     # fast: products in `products`, each half step orthonormalized by a Cholesky factor; precise: fp32 and Householder
     # QRs. Either way the last half step is fp32 and Householder, and the result is the change projected onto the row
     # space found, its SVD taken from `matrices @ co_basis` (m x w): no further pass over the change.
     b, m, n = matrices.shape
-    fast = products is not None
     orthonormal, low = (_cholesky_orthonormal, matrices.to(products)) if fast else (_householder, matrices)
     basis = orthonormal((low @ torch.randn(b, n, width, generator=generator).to(low.dtype)).float())
     # A^T Q as (Q^T A)^T: a transposed bf16 copy of a tall change would cost more than all the products
@@ -247,15 +247,15 @@ def _cholesky_orthonormal(columns: torch.Tensor) -> torch.Tensor:
 
 def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[int, ...]], rank: int | None,
                     keep_energy: float | None, generator: torch.Generator,
-                    fast_products: torch.dtype | None = None) -> list[tuple[LoraLayer, LayerResize]]:
+                    products: torch.dtype | None = None) -> list[tuple[LoraLayer, LayerResize]]:
     """Rank `rank` (and/or `keep_energy`) factors of each change, its kept fraction against the exact norm;
-    `fast_products`: the fast sketch's dtype (default `fast_product_dtype()`)."""
+    `products`: the fast sketch's dtype (default `fast_product_dtype()`)."""
     # With --keep-energy alone the sketch grows until it holds that fraction; a change that needs more than a
     # quarter of its full rank gets the exact SVD, and one the fast sketch leaves under FAST_MIN_RESIDUAL of is
     # sketched again the precise way.
     _, m, n = diffs.shape
     full = min(m, n)
-    fast_products = fast_product_dtype() if fast_products is None else fast_products
+    products = fast_product_dtype() if products is None else products
     # |change|^2 per layer: rows' norms in fp32, summed in fp64 (no fp64 copy of the changes)
     totals = torch.linalg.vector_norm(diffs, dim=2).double().square().sum(dim=1).tolist()
     out: dict[int, tuple[LoraLayer, LayerResize]] = {}
@@ -272,8 +272,8 @@ def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[in
             group = todo if fast else precise
             if not group:
                 break
-            u, s, vh = sketched_svd(diffs if len(group) == len(names) else diffs[group], width, generator,
-                                    fast_products if fast else None)
+            u, s, vh = sketched_svd(diffs if len(group) == len(names) else diffs[group], width, generator, fast,
+                                    products)
             for j, i in enumerate(group):
                 k, kept = chosen_rank(s[j, :target], rank, keep_energy, totals[i])
                 if rank is None and kept < keep_energy - 1e-12:
