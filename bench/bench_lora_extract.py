@@ -65,11 +65,10 @@ def make_pair(folder: Path) -> tuple[Path, Path]:
 
 def run_child(method: str, base: str, tuned: str, rank: int, products: str) -> None:
     torch.set_num_threads(THREADS)
-    if products != "auto":  # e.g. float32: what a CPU without AMX gets (the library picks by the CPU alone)
-        sys.modules["training.lora.extract"].fast_product_dtype = lambda: getattr(torch, products)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        lora, reports = extract(base, tuned, rank=rank, exact=method == "reference")
+        lora, reports = extract(base, tuned, rank=rank, exact=method == "reference",
+                                products=None if products == "auto" else getattr(torch, products))
         seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_mib": memory.peak_mib, "layers": len(lora.layers),
                       "kept": {rep.name: rep.kept for rep in reports}}))

@@ -5,6 +5,8 @@ Nothing here touches the network: configs and the CLIP tokenizer ship in `config
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -233,9 +235,6 @@ def build_tiny(seed: int = TINY_SEED) -> SDModel:
 
 
 def _copy_modules(model: SDModel, tokenizer) -> SDModel:
-    import copy
-    import dataclasses
-
     return dataclasses.replace(model, unet=copy.deepcopy(model.unet), vae=copy.deepcopy(model.vae),
                                text_encoder=copy.deepcopy(model.text_encoder), tokenizer=tokenizer,
                                scheduler_config=copy.deepcopy(model.scheduler_config), _sha256="")

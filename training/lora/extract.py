@@ -121,14 +121,14 @@ def extraction_targets(family: str, text_encoder: bool = False) -> list[str]:
 
 def extract(base: Any, tuned: Any, rank: int | None = None, keep_energy: float | None = None,
             text_encoder: bool = False, min_diff: float = 0.0, progress: ProgressFn = no_progress,
-            exact: bool = False) -> tuple[LoraFile, list[LayerResize]]:
+            exact: bool = False, products: torch.dtype | None = None) -> tuple[LoraFile, list[LayerResize]]:
     """A LoRA approximating `tuned - base`, a few same-shape layers at a time.
 
     `base` / `tuned`: `tiny`, a single-file checkpoint, a diffusers folder, an `SDModel`, or
     `{"unet": ..., "text_encoder": ...}` diffusers state dicts. Layers whose largest change is
     at most `min_diff` are left out. Each change is factored by `sketched_svd` (seeded, so
     the same inputs give the same file on one machine; it multiplies in bfloat16 where the CPU
-    has AMX); `exact=True` takes the full SVD of every change instead.
+    has AMX, or in `products`); `exact=True` takes the full SVD of every change instead.
     """
     check_targets(rank, keep_energy, "the extraction")
     base_src, tuned_src = _weight_source(base), _weight_source(tuned)
@@ -172,7 +172,7 @@ def extract(base: Any, tuned: Any, rank: int | None = None, keep_energy: float |
                          for name, diff in zip(changed, diffs)}
             elif changed:
                 done |= dict(zip(changed, factor_sketched(changed, diffs, [shapes[n] for n in changed],
-                                                           rank, keep_energy, generator)))
+                                                           rank, keep_energy, generator, products)))
             del diffs
             for name in chunk:
                 step += 1
@@ -259,6 +259,22 @@ def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[in
     # |change|^2 per layer: rows' norms in fp32, summed in fp64 (no fp64 copy of the changes)
     totals = torch.linalg.vector_norm(diffs, dim=2).double().square().sum(dim=1).tolist()
     out: dict[int, tuple[LoraLayer, LayerResize]] = {}
+
+    def sketch(group: list[int], width: int, target: int, fast: bool) -> tuple[list[int], list[int]]:
+        """Factors the changes in `group` into `out`; returns those short of --keep-energy, and those
+        the fast sketch resolves too coarsely."""
+        u, s, vh = sketched_svd(diffs if len(group) == len(names) else diffs[group], width, generator, fast, products)
+        short, precise = [], []
+        for j, i in enumerate(group):
+            k, kept = chosen_rank(s[j, :target], rank, keep_energy, totals[i])
+            if rank is None and kept < keep_energy - 1e-12:
+                short.append(i)
+            elif fast and 1 - kept ** 2 < FAST_MIN_RESIDUAL ** 2:
+                precise.append(i)
+            else:
+                out[i] = layer_from_svd(shapes[i], u[j], s[j], vh[j], k), LayerResize(names[i], full, k, kept)
+        return short, precise
+
     todo = list(range(len(names)))
     target = rank if rank is not None else KEEP_ENERGY_START
     while todo:
@@ -267,22 +283,8 @@ def factor_sketched(names: list[str], diffs: torch.Tensor, shapes: list[tuple[in
             for i in todo:
                 out[i] = factor_by_svd(names[i], diffs[i].reshape(shapes[i]), rank, keep_energy)
             break
-        short, precise = [], []
-        for fast in (True, False):
-            group = todo if fast else precise
-            if not group:
-                break
-            u, s, vh = sketched_svd(diffs if len(group) == len(names) else diffs[group], width, generator, fast,
-                                    products)
-            for j, i in enumerate(group):
-                k, kept = chosen_rank(s[j, :target], rank, keep_energy, totals[i])
-                if rank is None and kept < keep_energy - 1e-12:
-                    short.append(i)
-                elif fast and 1 - kept ** 2 < FAST_MIN_RESIDUAL ** 2:
-                    precise.append(i)
-                else:
-                    out[i] = layer_from_svd(shapes[i], u[j], s[j], vh[j], k), LayerResize(names[i], full, k, kept)
-        todo, target = short, target * 4
+        short, precise = sketch(todo, width, target, fast=True)
+        todo, target = short + (sketch(precise, width, target, fast=False)[0] if precise else []), target * 4
     return [out[i] for i in range(len(names))]
 
 
